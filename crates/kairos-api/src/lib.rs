@@ -1,0 +1,291 @@
+//! The HTTP API: tracker ingest, catalogue, recommendations, health and metrics.
+//!
+//! Handlers are thin: ingest validates and normalizes events (`kairos-types`), appends them to the
+//! [`EventLog`] and answers only once the log made them durable; reads wait until the processor has
+//! applied everything acknowledged before them (read-your-writes), then query the [`StateStore`]
+//! through the recommender. Every error is JSON `{"message","code","type","link"}` from the one
+//! error-code table.
+
+pub mod config;
+pub mod error;
+mod ingest;
+mod items;
+mod recommendations;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+
+use kairos_log::EventLog;
+use kairos_processor::Watermark;
+use kairos_recommend::RecommendConfig;
+use kairos_state::StateStore;
+use kairos_types::metrics::{Counter, Histogram, Registry};
+
+pub use config::{ApiConfig, IngestConfig};
+pub use error::{ApiResult, HttpError};
+use kairos_types::Code;
+
+/// API metrics.
+pub struct ApiMetrics {
+    pub events_accepted: Arc<Counter>,
+    pub events_duplicate: Arc<Counter>,
+    rejected: Vec<(Code, Arc<Counter>)>,
+    pub ingest_latency: Arc<Histogram>,
+    rec_latency: Vec<(&'static str, Arc<Histogram>)>,
+    pub requests_failed: Arc<Counter>,
+}
+
+impl ApiMetrics {
+    pub fn new(registry: &Registry) -> ApiMetrics {
+        let rejected = Code::ALL
+            .iter()
+            .filter(|c| c.error_type() == kairos_types::ErrorType::InvalidRequest)
+            .map(|&c| {
+                (
+                    c,
+                    registry.counter(
+                        "kairos_events_rejected_total",
+                        "Events rejected, by error code.",
+                        &[("code", c.as_str())],
+                    ),
+                )
+            })
+            .collect();
+        let rec_latency = [
+            "for_you",
+            "similar",
+            "bought_together",
+            "trending",
+            "recently_viewed",
+        ]
+        .into_iter()
+        .map(|s| {
+            (
+                s,
+                registry.histogram(
+                    "kairos_recommendation_duration_seconds",
+                    "Time to compute a recommendation (after read-your-writes waiting).",
+                    &[("scenario", s)],
+                ),
+            )
+        })
+        .collect();
+        ApiMetrics {
+            events_accepted: registry.counter(
+                "kairos_events_accepted_total",
+                "Events durably appended to the log.",
+                &[],
+            ),
+            events_duplicate: registry.counter(
+                "kairos_events_duplicate_total",
+                "Events dropped as duplicates of an earlier messageId.",
+                &[],
+            ),
+            rejected,
+            ingest_latency: registry.histogram(
+                "kairos_ingest_duration_seconds",
+                "Time from receiving an ingest request to acknowledging it (durable).",
+                &[],
+            ),
+            rec_latency,
+            requests_failed: registry.counter(
+                "kairos_requests_failed_total",
+                "Requests answered with an error status.",
+                &[],
+            ),
+        }
+    }
+
+    pub fn rejected(&self, code: Code) {
+        if let Some((_, c)) = self.rejected.iter().find(|(k, _)| *k == code) {
+            c.inc();
+        }
+    }
+
+    pub fn rec_latency(&self, scenario: &str) -> Option<&Histogram> {
+        self.rec_latency
+            .iter()
+            .find(|(s, _)| *s == scenario)
+            .map(|(_, h)| h.as_ref())
+    }
+}
+
+/// Everything a handler needs.
+pub struct AppState {
+    pub log: Arc<dyn EventLog>,
+    pub store: Arc<dyn StateStore>,
+    pub watermark: Watermark,
+    pub ingest: IngestConfig,
+    pub api: ApiConfig,
+    pub recommend: RecommendConfig,
+    pub registry: Arc<Registry>,
+    pub metrics: ApiMetrics,
+    /// False until the processor has replayed the log after start, and again during shutdown.
+    pub ready: AtomicBool,
+    rec_counter: AtomicU64,
+    rec_prefix: u64,
+}
+
+impl AppState {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn StateStore>,
+        watermark: Watermark,
+        ingest: IngestConfig,
+        api: ApiConfig,
+        recommend: RecommendConfig,
+        registry: Arc<Registry>,
+    ) -> Arc<AppState> {
+        let metrics = ApiMetrics::new(&registry);
+        let rec_prefix = kairos_types::stable_hash64(&[
+            &std::process::id().to_le_bytes(),
+            &kairos_types::time::now_ms().to_le_bytes(),
+        ]);
+        Arc::new(AppState {
+            log,
+            store,
+            watermark,
+            ingest,
+            api,
+            recommend,
+            registry,
+            metrics,
+            ready: AtomicBool::new(false),
+            rec_counter: AtomicU64::new(0),
+            rec_prefix,
+        })
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// A unique id for a served list, echoed back by `rec_impression`/`rec_click` events.
+    pub fn next_rec_id(&self) -> String {
+        let n = self.rec_counter.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:08x}", (self.rec_prefix >> 32) as u32, n as u32)
+    }
+
+    /// Read-your-writes: wait until the state reflects everything acknowledged so far.
+    pub async fn wait_applied(&self) {
+        let target = self.log.committed_seq();
+        let timeout = Duration::from_millis(self.api.read_your_writes_timeout_ms);
+        if !self.watermark.wait_for(target, timeout).await {
+            tracing::warn!(
+                target,
+                applied = self.watermark.get(),
+                "read-your-writes wait timed out"
+            );
+        }
+    }
+}
+
+/// The full router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/batch", post(ingest::batch))
+        .route("/v1/track", post(ingest::track))
+        .route("/v1/page", post(ingest::page))
+        .route("/v1/identify", post(ingest::identify))
+        .route("/v1/alias", post(ingest::alias))
+        .route("/v1/items", put(items::upsert))
+        .route(
+            "/v1/items/{id}",
+            get(items::get_item).delete(items::delete_item),
+        )
+        .route("/v1/recommendations", get(recommendations::recommend))
+        .route("/v1/profiles", get(recommendations::profile))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        Json(serde_json::json!({"status": "ready", "applied_seq": app.watermark.get()}))
+            .into_response()
+    } else {
+        HttpError::new(
+            Code::NotReady,
+            "the node is replaying its log or shutting down",
+        )
+        .into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.registry.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> HttpError {
+    HttpError::new(Code::RouteNotFound, format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::new(
+        Code::MethodNotAllowed,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// Registers gauges computed from the log and the state at scrape time.
+pub fn register_state_gauges(
+    registry: &Registry,
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn StateStore>,
+) {
+    let l = log.clone();
+    registry.computed(
+        "kairos_log_bytes",
+        "Bytes of the event log on disk.",
+        &[],
+        move || l.stats().total_bytes as f64,
+    );
+    let l = log.clone();
+    registry.computed(
+        "kairos_log_committed_seq",
+        "Last committed log sequence number.",
+        &[],
+        move || l.committed_seq() as f64,
+    );
+    let s = store.clone();
+    registry.computed(
+        "kairos_state_users",
+        "Profiles in the state.",
+        &[],
+        move || s.read().users.len() as f64,
+    );
+    let s = store.clone();
+    registry.computed(
+        "kairos_state_items",
+        "Items in the state.",
+        &[],
+        move || s.read().item_data.len() as f64,
+    );
+    let s = store;
+    registry.computed(
+        "kairos_state_applied_seq",
+        "Last log sequence number applied to the state.",
+        &[],
+        move || s.read().checkpoint.seq as f64,
+    );
+}

@@ -1,0 +1,257 @@
+//! `GET /v1/recommendations` and `GET /v1/profiles`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::Json;
+use serde_json::{json, Value};
+
+use kairos_recommend::{recommend as run, Filters, Request, Scenario};
+use kairos_state::State as EngineState;
+use kairos_types::Code;
+
+use crate::error::{ApiResult, HttpError};
+use crate::AppState;
+
+fn invalid(name: &str, why: &str) -> HttpError {
+    HttpError::new(Code::InvalidParameter, format!("`{name}` {why}"))
+}
+
+fn parse_bool(params: &HashMap<String, String>, name: &str) -> ApiResult<Option<bool>> {
+    match params.get(name).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some("true" | "1" | "yes") => Ok(Some(true)),
+        Some("false" | "0" | "no") => Ok(Some(false)),
+        Some(_) => Err(invalid(name, "must be true or false")),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> ApiResult<Option<T>> {
+    match params.get(name).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(name, "must be a number")),
+    }
+}
+
+fn parse_list(params: &HashMap<String, String>, name: &str) -> Vec<String> {
+    params
+        .get(name)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn non_empty(params: &HashMap<String, String>, name: &str) -> Option<String> {
+    params.get(name).filter(|v| !v.is_empty()).cloned()
+}
+
+/// Parses and validates the query string into a recommender request.
+pub(crate) fn parse_request(
+    params: &HashMap<String, String>,
+    default_k: usize,
+    max_k: usize,
+) -> ApiResult<Request> {
+    let scenario_name = params
+        .get("scenario")
+        .map(String::as_str)
+        .unwrap_or("for_you");
+    let scenario = Scenario::parse(scenario_name).ok_or_else(|| {
+        HttpError::new(
+            Code::UnknownScenario,
+            format!("unknown scenario {scenario_name:?}; use for_you, similar, bought_together, trending or recently_viewed"),
+        )
+    })?;
+    let k = parse_num::<usize>(params, "k")?.unwrap_or(default_k);
+    if k == 0 || k > max_k {
+        return Err(invalid("k", &format!("must be between 1 and {max_k}")));
+    }
+    let mut req = Request::new(scenario, k);
+    req.user_id = non_empty(params, "user_id");
+    req.anonymous_id = non_empty(params, "anonymous_id");
+    req.item_id = non_empty(params, "item_id");
+    req.category = non_empty(params, "category");
+    if scenario.needs_item() && req.item_id.is_none() {
+        return Err(HttpError::new(
+            Code::MissingParameter,
+            format!("scenario {scenario_name} needs `item_id`"),
+        ));
+    }
+    if matches!(scenario, Scenario::RecentlyViewed)
+        && req.user_id.is_none()
+        && req.anonymous_id.is_none()
+    {
+        return Err(HttpError::new(
+            Code::MissingParameter,
+            "recently_viewed needs `user_id` or `anonymous_id`",
+        ));
+    }
+    let min_price = parse_num::<f64>(params, "min_price")?;
+    let max_price = parse_num::<f64>(params, "max_price")?;
+    if let (Some(a), Some(b)) = (min_price, max_price) {
+        if a > b {
+            return Err(invalid("min_price", "must not exceed max_price"));
+        }
+    }
+    req.filters = Filters {
+        in_stock_only: parse_bool(params, "in_stock_only")?,
+        exclude_purchased: parse_bool(params, "exclude_purchased")?,
+        exclude_cart: parse_bool(params, "exclude_cart")?,
+        exclude_viewed: parse_bool(params, "exclude_viewed")?,
+        include_categories: parse_list(params, "categories"),
+        exclude_categories: parse_list(params, "exclude_categories"),
+        min_price,
+        max_price,
+        max_per_category: parse_num(params, "max_per_category")?,
+        exclude_items: parse_list(params, "exclude_items"),
+    };
+    req.fallback = parse_bool(params, "fallback")?.unwrap_or(true);
+    Ok(req)
+}
+
+fn item_json(state: &EngineState, idx: u32, score: f32) -> Value {
+    let data = state.item(idx);
+    let mut v = json!({"id": state.items.name(idx), "score": score});
+    if let Some(c) = &data.catalog {
+        let obj = v.as_object_mut().expect("object");
+        if let Some(t) = &c.title {
+            obj.insert("title".into(), json!(t));
+        }
+        if let Some(u) = &c.url {
+            obj.insert("url".into(), json!(u));
+        }
+        if let Some(i) = &c.image {
+            obj.insert("image".into(), json!(i));
+        }
+        if !c.categories.is_empty() {
+            obj.insert("categories".into(), json!(c.categories));
+        }
+        if let Some(b) = &c.brand {
+            obj.insert("brand".into(), json!(b));
+        }
+        if let Some(p) = c.price {
+            obj.insert("price".into(), json!(p));
+        }
+        if let Some(cur) = &c.currency {
+            obj.insert("currency".into(), json!(cur));
+        }
+        obj.insert("in_stock".into(), json!(c.in_stock));
+    } else if !data.categories.is_empty() {
+        let cats: Vec<&str> = data
+            .categories
+            .iter()
+            .map(|&c| state.categories.name(c))
+            .collect();
+        v["categories"] = json!(cats);
+    }
+    v
+}
+
+pub(crate) async fn recommend(
+    State(app): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let req = parse_request(&params, app.recommend.default_k, app.recommend.max_k)?;
+    app.wait_applied().await;
+    let started = Instant::now();
+    let body = {
+        let state = app.store.read();
+        let rec = run(&state, &req, &app.recommend);
+        let items: Vec<Value> = rec
+            .items
+            .iter()
+            .map(|s| item_json(&state, s.item, s.score))
+            .collect();
+        json!({
+            "rec_id": app.next_rec_id(),
+            "scenario": rec.scenario.as_str(),
+            "strategy": rec.strategy,
+            "items": items,
+        })
+    };
+    if let Some(h) = app.metrics.rec_latency(req.scenario.as_str()) {
+        h.observe(started.elapsed());
+    }
+    Ok(Json(body))
+}
+
+/// A profile as JSON (for debugging, golden tests and integrations).
+pub(crate) async fn profile(
+    State(app): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let user_id = non_empty(&params, "user_id");
+    let anonymous_id = non_empty(&params, "anonymous_id");
+    if user_id.is_none() && anonymous_id.is_none() {
+        return Err(HttpError::new(
+            Code::MissingParameter,
+            "give `user_id` or `anonymous_id`",
+        ));
+    }
+    app.wait_applied().await;
+    let state = app.store.read();
+    let key = state.resolve_key(user_id.as_deref(), anonymous_id.as_deref());
+    let profile = state.profile(user_id.as_deref(), anonymous_id.as_deref());
+    Ok(Json(match profile {
+        Some(p) => profile_json(&state, key.as_deref().unwrap_or(""), p),
+        None => json!({"key": key, "exists": false}),
+    }))
+}
+
+/// Stable JSON rendering of a profile, with item, category and brand names resolved.
+pub fn profile_json(state: &EngineState, key: &str, p: &kairos_state::profile::Profile) -> Value {
+    let name = |i: u32| state.items.name(i).to_owned();
+    let ah = state.config.affinity_half_life_ms();
+    let round = |x: f32| (x as f64 * 1e4).round() / 1e4;
+    let mut cats: Vec<(String, f64)> = p
+        .categories
+        .decayed(state.clock, ah)
+        .map(|(c, s)| (state.categories.name(c).to_owned(), round(s)))
+        .collect();
+    cats.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut brands: Vec<(String, f64)> = p
+        .brands
+        .decayed(state.clock, ah)
+        .map(|(c, s)| (state.brands.name(c).to_owned(), round(s)))
+        .collect();
+    brands.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    json!({
+        "key": key,
+        "exists": true,
+        "first_seen": p.first_seen,
+        "last_seen": p.last_seen,
+        "session_id": p.session_id,
+        "session_start": p.session_start,
+        "session_items": p.session_items().map(|i| name(i.item)).collect::<Vec<_>>(),
+        "recent_items": p.recent.iter().rev().map(|i| json!({"item": name(i.item), "action": format!("{:?}", i.action).to_lowercase(), "ts": i.ts})).collect::<Vec<_>>(),
+        "cart": p.cart.iter().map(|&(i, q)| json!({"item": name(i), "quantity": q})).collect::<Vec<_>>(),
+        "purchased": p.purchased.iter().map(|&i| name(i)).collect::<Vec<_>>(),
+        "categories": cats.into_iter().map(|(c, s)| json!([c, s])).collect::<Vec<_>>(),
+        "brands": brands.into_iter().map(|(c, s)| json!([c, s])).collect::<Vec<_>>(),
+        "counters": {
+            "events": p.counters.events,
+            "page_views": p.counters.page_views,
+            "product_views": p.counters.product_views,
+            "clicks": p.counters.clicks,
+            "searches": p.counters.searches,
+            "add_to_carts": p.counters.add_to_carts,
+            "purchases": p.counters.purchases,
+            "sessions": p.counters.sessions,
+            "rec_impressions": p.counters.rec_impressions,
+            "rec_clicks": p.counters.rec_clicks,
+            "revenue": p.counters.revenue,
+        },
+    })
+}

@@ -1,0 +1,641 @@
+//! The state: everything the recommender reads, as a pure function of the log.
+//!
+//! [`State::apply`] is the only way the state changes. It is deterministic: the same log entries in
+//! the same order give the same state, which the golden replay and crash tests rely on. Every entry
+//! carries its log position; entries at or below the state's checkpoint are skipped, which makes
+//! replays after a restart (or a redelivery) idempotent.
+
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use kairos_types::{stable_hash64, Event, EventKind, Item, LogEntry};
+
+use crate::config::StateConfig;
+use crate::intern::Interner;
+use crate::items::{Counted, ItemData};
+use crate::profile::{Action, Interaction, Profile};
+use crate::session_model::SessionModel;
+
+/// Where a log entry sits in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogPosition {
+    pub partition: u32,
+    pub offset: u64,
+    pub seq: u64,
+}
+
+/// How far the state has consumed the log: the next offset to apply per partition, and the last
+/// applied global sequence number.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub offsets: Vec<u64>,
+    pub seq: u64,
+}
+
+impl Checkpoint {
+    pub fn covers(&self, pos: &LogPosition) -> bool {
+        self.offsets
+            .get(pos.partition as usize)
+            .is_some_and(|&next| pos.offset < next)
+    }
+
+    fn advance(&mut self, pos: &LogPosition) {
+        let p = pos.partition as usize;
+        if self.offsets.len() <= p {
+            self.offsets.resize(p + 1, 0);
+        }
+        self.offsets[p] = pos.offset + 1;
+        self.seq = self.seq.max(pos.seq);
+    }
+}
+
+/// Engine-wide counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateCounters {
+    pub entries_applied: u64,
+    pub events_applied: u64,
+    pub merges: u64,
+    pub catalog_upserts: u64,
+    pub catalog_deletes: u64,
+}
+
+/// A cached ranked list (trending, popular). It is reused while the state is unchanged, and after
+/// a change for `trending_refresh_ms` of event time (the engine clock), never of wall-clock time:
+/// recommendations stay a pure function of the log, so replays and evaluations are exact.
+#[derive(Clone, Debug, Default)]
+pub struct CachedList {
+    /// The engine clock ([`State::clock`]) when the list was computed.
+    pub clock: i64,
+    pub seq: u64,
+    pub items: Vec<(u32, f32)>,
+}
+
+/// Caches derived from the state; never serialized, rebuilt on demand.
+#[derive(Debug, Default)]
+pub struct Caches {
+    pub trending: Mutex<FxHashMap<Option<u32>, CachedList>>,
+    pub popular: Mutex<FxHashMap<Option<u32>, CachedList>>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    #[serde(skip)]
+    pub config: StateConfig,
+    pub items: Interner,
+    pub item_data: Vec<ItemData>,
+    pub categories: Interner,
+    pub brands: Interner,
+    /// Profiles by user key: `u:<userId>` for known users, `a:<anonymousId>` for anonymous ones.
+    pub users: FxHashMap<Box<str>, Profile>,
+    /// Anonymous ids (`a:` keys) already merged into a known user (`u:` key).
+    pub links: FxHashMap<Box<str>, Box<str>>,
+    pub sessions: SessionModel,
+    pub checkpoint: Checkpoint,
+    /// Newest event time applied: the engine's notion of "now" for decay, so replays are exact.
+    pub clock: i64,
+    pub counters: StateCounters,
+    #[serde(skip)]
+    pub caches: Caches,
+}
+
+/// Result of applying one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Applied,
+    /// Already covered by the checkpoint (a replay or redelivery).
+    Skipped,
+}
+
+pub fn user_key(user_id: &str) -> String {
+    format!("u:{user_id}")
+}
+
+pub fn anonymous_key(anonymous_id: &str) -> String {
+    format!("a:{anonymous_id}")
+}
+
+impl State {
+    pub fn new(config: StateConfig) -> State {
+        State {
+            sessions: SessionModel::new(config.session_model.clone()),
+            config,
+            items: Interner::default(),
+            item_data: Vec::new(),
+            categories: Interner::default(),
+            brands: Interner::default(),
+            users: FxHashMap::default(),
+            links: FxHashMap::default(),
+            checkpoint: Checkpoint::default(),
+            clock: 0,
+            counters: StateCounters::default(),
+            caches: Caches::default(),
+        }
+    }
+
+    /// Applies one log entry at `pos`, unless the checkpoint already covers it.
+    pub fn apply(&mut self, pos: LogPosition, entry: &LogEntry) -> Applied {
+        if self.checkpoint.covers(&pos) {
+            return Applied::Skipped;
+        }
+        self.apply_entry(entry, true);
+        self.checkpoint.advance(&pos);
+        Applied::Applied
+    }
+
+    /// Applies an entry without a log position. With `learn == false` only the profile changes:
+    /// global structures (item statistics, relations, the session model) are left alone, which is
+    /// how the evaluation feeds test sessions without learning from them.
+    pub fn apply_entry(&mut self, entry: &LogEntry, learn: bool) {
+        self.counters.entries_applied += 1;
+        match entry {
+            LogEntry::Event(e) => self.apply_event(e, learn),
+            LogEntry::ItemUpsert(item) => self.upsert_item(item),
+            LogEntry::ItemDelete { id, .. } => {
+                if let Some(i) = self.items.get(id) {
+                    let data = &mut self.item_data[i as usize];
+                    data.catalog = None;
+                    data.deleted = true;
+                    self.counters.catalog_deletes += 1;
+                }
+            }
+        }
+    }
+
+    /// The profile key an event's activity belongs to (after identity resolution).
+    pub fn resolve_key(&self, user_id: Option<&str>, anonymous_id: Option<&str>) -> Option<String> {
+        if let Some(u) = user_id {
+            return Some(user_key(u));
+        }
+        let a = anonymous_key(anonymous_id?);
+        Some(match self.links.get(a.as_str()) {
+            Some(u) => u.to_string(),
+            None => a,
+        })
+    }
+
+    pub fn profile(&self, user_id: Option<&str>, anonymous_id: Option<&str>) -> Option<&Profile> {
+        let key = self.resolve_key(user_id, anonymous_id)?;
+        self.users.get(key.as_str())
+    }
+
+    pub fn item_index(&self, id: &str) -> Option<u32> {
+        self.items.get(id)
+    }
+
+    pub fn item(&self, idx: u32) -> &ItemData {
+        &self.item_data[idx as usize]
+    }
+
+    fn intern_item(&mut self, id: &str) -> u32 {
+        let idx = self.items.intern(id);
+        if idx as usize >= self.item_data.len() {
+            self.item_data
+                .resize_with(idx as usize + 1, ItemData::default);
+        }
+        idx
+    }
+
+    fn upsert_item(&mut self, item: &Item) {
+        let idx = self.intern_item(&item.id);
+        let categories: Vec<u32> = item
+            .categories
+            .iter()
+            .map(|c| self.categories.intern(c))
+            .collect();
+        let brand = item.brand.as_deref().map(|b| self.brands.intern(b));
+        let data = &mut self.item_data[idx as usize];
+        if !categories.is_empty() {
+            data.categories = categories;
+        }
+        if brand.is_some() {
+            data.brand = brand;
+        }
+        if let Some(p) = item.price {
+            data.price = Some(p as f32);
+        }
+        data.catalog = Some(Box::new(item.clone()));
+        data.deleted = false;
+        self.counters.catalog_upserts += 1;
+    }
+
+    /// Merges the anonymous profile `anon` (an `a:` key) into `user` (a `u:` key), once.
+    fn link(&mut self, anon: String, user: &str) {
+        if anon == user || self.links.contains_key(anon.as_str()) {
+            return;
+        }
+        self.links.insert(anon.clone().into(), user.into());
+        if let Some(other) = self.users.remove(anon.as_str()) {
+            let cfg = &self.config;
+            let target = self.users.entry(user.into()).or_default();
+            target.merge_from(&other, cfg);
+            self.counters.merges += 1;
+        }
+    }
+
+    fn apply_event(&mut self, e: &Event, learn: bool) {
+        self.counters.events_applied += 1;
+        self.clock = self.clock.max(e.timestamp);
+        let kind = e.kind();
+
+        // Identity: any event that carries both ids, and every identify/alias, stitches them.
+        if let Some(user) = e.user_id.as_deref() {
+            let ukey = user_key(user);
+            if let Some(anon) = e.anonymous_id.as_deref() {
+                self.link(anonymous_key(anon), &ukey);
+            }
+            if let Some(prev) = e.previous_id.as_deref() {
+                self.link(anonymous_key(prev), &ukey);
+                let prev_user = user_key(prev);
+                if prev_user != ukey && self.users.contains_key(prev_user.as_str()) {
+                    self.link(prev_user, &ukey);
+                }
+            }
+        }
+        if matches!(kind, EventKind::Identify | EventKind::Alias) {
+            if let Some(key) = self.resolve_key(e.user_id.as_deref(), e.anonymous_id.as_deref()) {
+                let p = self.users.entry(key.into()).or_default();
+                if p.first_seen == 0 {
+                    p.first_seen = e.timestamp;
+                }
+                p.last_seen = p.last_seen.max(e.timestamp);
+            }
+            return;
+        }
+        let Some(key) = self.resolve_key(e.user_id.as_deref(), e.anonymous_id.as_deref()) else {
+            return;
+        };
+
+        let session_timeout_ms = self.config.session_timeout_secs * 1000;
+        let profile = self.users.entry(key.as_str().into()).or_default();
+        if profile.first_seen == 0 {
+            profile.first_seen = e.timestamp;
+        }
+        // Sessions: the tracker's id wins; otherwise a gap longer than the timeout starts one.
+        let new_session = match e.session_id.as_deref() {
+            Some(sid) => profile.session_id.as_deref() != Some(sid),
+            None => {
+                profile.counters.events == 0
+                    || profile.session_id.is_some()
+                    || e.timestamp - profile.last_seen > session_timeout_ms
+            }
+        };
+        if new_session {
+            profile.session_no = profile.session_no.wrapping_add(1);
+            profile.session_start = e.timestamp;
+            profile.session_id = e.session_id.as_deref().map(Into::into);
+            let start = e.timestamp.to_le_bytes();
+            profile.session_key = match e.session_id.as_deref() {
+                Some(sid) => stable_hash64(&[key.as_bytes(), sid.as_bytes()]),
+                None => stable_hash64(&[key.as_bytes(), &start]),
+            };
+            profile.counters.sessions += 1;
+        }
+        profile.last_seen = profile.last_seen.max(e.timestamp);
+        profile.counters.events += 1;
+
+        match kind {
+            EventKind::PageView => profile.counters.page_views += 1,
+            EventKind::Search => profile.counters.searches += 1,
+            EventKind::RecImpression => profile.counters.rec_impressions += 1,
+            EventKind::ProductView | EventKind::Click | EventKind::RecClick => {
+                match kind {
+                    EventKind::ProductView => profile.counters.product_views += 1,
+                    EventKind::RecClick => profile.counters.rec_clicks += 1,
+                    _ => profile.counters.clicks += 1,
+                }
+                if let Some(p) = e.product() {
+                    let action = if kind == EventKind::ProductView {
+                        Action::View
+                    } else {
+                        Action::Click
+                    };
+                    self.interact(&key, &p, action, e.timestamp, learn);
+                }
+            }
+            EventKind::AddToCart => {
+                profile.counters.add_to_carts += 1;
+                if let Some(p) = e.product() {
+                    let item = self.interact(&key, &p, Action::Cart, e.timestamp, learn);
+                    let cfg = &self.config;
+                    let profile = self.users.get_mut(key.as_str()).expect("profile exists");
+                    let others: Vec<u32> = profile
+                        .cart
+                        .iter()
+                        .map(|l| l.0)
+                        .filter(|&o| o != item)
+                        .collect();
+                    profile.cart_add(item, p.quantity as f32, cfg);
+                    if learn {
+                        self.relate_bought(item, &others, 1.0, e.timestamp);
+                    }
+                }
+            }
+            EventKind::RemoveFromCart => {
+                if let Some(p) = e.product() {
+                    if let Some(item) = self.items.get(&p.id) {
+                        let qty = e.num_property("quantity").map(|q| q as f32);
+                        profile.cart_remove(item, qty);
+                    }
+                }
+            }
+            EventKind::Purchase => {
+                profile.counters.purchases += 1;
+                profile.counters.revenue += e.revenue().unwrap_or(0.0);
+                let products = e.products();
+                let mut bought = Vec::with_capacity(products.len());
+                for p in &products {
+                    let item = self.interact(&key, p, Action::Purchase, e.timestamp, learn);
+                    let cfg = &self.config;
+                    let profile = self.users.get_mut(key.as_str()).expect("profile exists");
+                    profile.purchase(item, cfg);
+                    bought.push(item);
+                }
+                if learn {
+                    for (i, &a) in bought.iter().enumerate() {
+                        let others: Vec<u32> = bought
+                            .iter()
+                            .enumerate()
+                            .filter(|&(j, _)| j != i)
+                            .map(|(_, &b)| b)
+                            .collect();
+                        self.relate_bought(a, &others, 1.0, e.timestamp);
+                    }
+                }
+            }
+            EventKind::Identify | EventKind::Alias | EventKind::Custom => {}
+        }
+    }
+
+    fn relate_bought(&mut self, item: u32, others: &[u32], weight: f32, ts: i64) {
+        let (h, cap) = (
+            self.config.relation_half_life_ms(),
+            self.config.max_bought_together,
+        );
+        for &o in others {
+            self.item_data[item as usize]
+                .bought_together
+                .add(o, weight, ts, h, cap);
+            self.item_data[o as usize]
+                .bought_together
+                .add(item, weight, ts, h, cap);
+        }
+    }
+
+    /// Records an interaction of profile `key` with product `p`; returns the item index.
+    fn interact(
+        &mut self,
+        key: &str,
+        p: &kairos_types::ProductRef,
+        action: Action,
+        ts: i64,
+        learn: bool,
+    ) -> u32 {
+        let item = self.intern_item(&p.id);
+        // Behaviour teaches the item's category, brand and price until the catalogue says otherwise.
+        let category = p.category.as_deref().map(|c| self.categories.intern(c));
+        let brand = p.brand.as_deref().map(|b| self.brands.intern(b));
+        {
+            let data = &mut self.item_data[item as usize];
+            let from_catalog = data.catalog.is_some();
+            if !from_catalog {
+                if let Some(c) = category {
+                    if !data.categories.contains(&c) {
+                        data.categories = vec![c];
+                    }
+                }
+                if brand.is_some() {
+                    data.brand = brand;
+                }
+                if let Some(price) = p.price {
+                    data.price = Some(price as f32);
+                }
+            }
+        }
+        let cfg = &self.config;
+        let w = match action {
+            Action::View => cfg.weights.view,
+            Action::Click => cfg.weights.click,
+            Action::Cart => cfg.weights.cart,
+            Action::Purchase => cfg.weights.purchase,
+        };
+        let data = &self.item_data[item as usize];
+        let (item_categories, item_brand) = (data.categories.clone(), data.brand);
+        let profile = self.users.get_mut(key).expect("profile exists");
+        let session = profile.session_no;
+        let session_key = profile.session_key;
+        // Previous distinct items of this session, most recent first, for co-visitation.
+        let mut previous: Vec<u32> = Vec::with_capacity(cfg.covisit_window);
+        for i in profile
+            .session_items()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            if previous.len() >= cfg.covisit_window {
+                break;
+            }
+            if i.item != item && !previous.contains(&i.item) {
+                previous.push(i.item);
+            }
+        }
+        let ah = cfg.affinity_half_life_ms();
+        for &c in &item_categories {
+            profile.categories.add(c, w, ts, ah, cfg.max_affinities);
+        }
+        if let Some(b) = item_brand {
+            profile.brands.add(b, w, ts, ah, cfg.max_affinities);
+        }
+        profile.remember(
+            Interaction {
+                item,
+                action,
+                session,
+                ts,
+            },
+            cfg,
+        );
+        if !learn {
+            return item;
+        }
+        let counted = match action {
+            Action::View | Action::Click => Counted::View,
+            Action::Cart => Counted::Cart,
+            Action::Purchase => Counted::Purchase,
+        };
+        let (rh, cap) = (cfg.relation_half_life_ms(), cfg.max_covisit);
+        self.item_data[item as usize]
+            .stats
+            .record(counted, w, ts, cfg);
+        for (d, &prev) in previous.iter().enumerate() {
+            let weight = w / (d + 1) as f32;
+            self.item_data[prev as usize]
+                .covisit
+                .add(item, weight, ts, rh, cap);
+            self.item_data[item as usize]
+                .covisit
+                .add(prev, weight * 0.5, ts, rh, cap);
+        }
+        self.sessions.observe(session_key, item, ts, w);
+        item
+    }
+
+    /// Approximate heap bytes of the profiles and of the items (catalogue, stats, relations).
+    pub fn memory(&self) -> StateMemory {
+        let profiles: usize = self
+            .users
+            .iter()
+            .map(|(k, p)| k.len() + std::mem::size_of::<Profile>() + p.heap_bytes() + 16)
+            .sum();
+        let items: usize = self
+            .item_data
+            .iter()
+            .map(|d| std::mem::size_of::<ItemData>() + d.heap_bytes())
+            .sum::<usize>()
+            + self.items.heap_bytes();
+        StateMemory {
+            users: self.users.len(),
+            items: self.item_data.len(),
+            profile_bytes: profiles,
+            item_bytes: items,
+            session_model_bytes: self.sessions.heap_bytes(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StateMemory {
+    pub users: usize,
+    pub items: usize,
+    pub profile_bytes: usize,
+    pub item_bytes: usize,
+    pub session_model_bytes: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_types::CallType;
+    use proptest::prelude::*;
+    use serde_json::{json, Map};
+
+    fn event(
+        call: CallType,
+        name: &str,
+        user: Option<&str>,
+        anon: Option<&str>,
+        item: &str,
+        ts: i64,
+    ) -> LogEntry {
+        let mut properties = Map::new();
+        properties.insert("product_id".into(), json!(item));
+        LogEntry::Event(Event {
+            call,
+            event: name.into(),
+            message_id: format!("m{ts}"),
+            user_id: user.map(Into::into),
+            anonymous_id: anon.map(Into::into),
+            previous_id: None,
+            session_id: None,
+            timestamp: ts,
+            received_at: ts,
+            properties,
+            traits: Map::new(),
+            context: Map::new(),
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Views by an anonymous id and by the user, with identify calls (possibly repeated) at
+        /// random points: the merged profile counts every view exactly once.
+        #[test]
+        fn identify_merges_exactly_once(ops in proptest::collection::vec(0u8..4, 1..60)) {
+            let mut s = State::new(StateConfig::default());
+            let mut views = 0u64;
+            for (n, op) in ops.iter().enumerate() {
+                let ts = 1_000 + n as i64 * 1000;
+                let entry = match op {
+                    0 => { views += 1; event(CallType::Track, "product_view", None, Some("anon"), "i1", ts) }
+                    1 => { views += 1; event(CallType::Track, "product_view", Some("u"), None, "i2", ts) }
+                    2 => { views += 1; event(CallType::Track, "product_view", Some("u"), Some("anon"), "i3", ts) }
+                    _ => event(CallType::Identify, "identify", Some("u"), Some("anon"), "", ts),
+                };
+                let pos = LogPosition { partition: 0, offset: n as u64, seq: n as u64 + 1 };
+                prop_assert_eq!(s.apply(pos, &entry), Applied::Applied);
+                // Applying the same position again is a no-op (replay / redelivery).
+                prop_assert_eq!(s.apply(pos, &entry), Applied::Skipped);
+            }
+            let total: u64 = s.users.values().map(|p| p.counters.product_views).sum();
+            prop_assert_eq!(total, views);
+            let linked = ops.iter().any(|&o| o >= 2);
+            if linked {
+                prop_assert!(!s.users.contains_key("a:anon"));
+                prop_assert_eq!(s.users.get("u:u").map(|p| p.counters.product_views), Some(views));
+                prop_assert!(s.counters.merges <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn learn_false_changes_only_the_profile() {
+        let mut s = State::new(StateConfig::default());
+        s.apply_entry(
+            &event(CallType::Track, "product_view", None, Some("a"), "x", 10),
+            false,
+        );
+        s.apply_entry(
+            &event(CallType::Track, "product_view", None, Some("a"), "y", 20),
+            false,
+        );
+        assert_eq!(s.users["a:a"].recent.len(), 2);
+        let x = s.item_index("x").unwrap();
+        assert_eq!(s.item(x).stats.total_events, 0);
+        assert!(s.item(x).covisit.is_empty());
+        assert_eq!(s.sessions.num_sessions(), 0);
+    }
+
+    #[test]
+    fn sessions_split_on_inactivity_and_covisitation_is_learned() {
+        let mut s = State::new(StateConfig::default());
+        let gap = 31 * 60 * 1000;
+        for (n, (item, ts)) in [("a", 0), ("b", 1000), ("c", 1000 + gap)]
+            .into_iter()
+            .enumerate()
+        {
+            let pos = LogPosition {
+                partition: 0,
+                offset: n as u64,
+                seq: n as u64 + 1,
+            };
+            s.apply(
+                pos,
+                &event(
+                    CallType::Track,
+                    "product_view",
+                    Some("u"),
+                    None,
+                    item,
+                    1_000_000 + ts,
+                ),
+            );
+        }
+        let p = &s.users["u:u"];
+        assert_eq!(p.counters.sessions, 2);
+        let session: Vec<&str> = p.session_items().map(|i| s.items.name(i.item)).collect();
+        assert_eq!(session, ["c"]);
+        let (a, b, c) = (
+            s.item_index("a").unwrap(),
+            s.item_index("b").unwrap(),
+            s.item_index("c").unwrap(),
+        );
+        assert!(s.item(a).covisit.get(b, s.clock, 1 << 40) > 0.0);
+        assert_eq!(
+            s.item(b).covisit.get(c, s.clock, 1 << 40),
+            0.0,
+            "no relation across sessions"
+        );
+    }
+}

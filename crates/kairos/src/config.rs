@@ -1,0 +1,258 @@
+//! Configuration: compiled-in commented defaults, a TOML file, `KAIROS_*` variables, flags.
+//!
+//! The defaults are `default.toml`, compiled into the binary (and printed by `kairos config
+//! --default`), so the documentation of every setting is the file the binary itself reads.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use kairos_api::{ApiConfig, IngestConfig};
+use kairos_processor::ProcessorConfig;
+use kairos_recommend::RecommendConfig;
+use kairos_state::StateConfig;
+
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: String,
+    pub state: String,
+    pub log_format: String,
+    pub log_level: String,
+    pub shutdown_timeout_secs: u64,
+    pub event_log: EventLogConfig,
+    pub ingest: IngestConfig,
+    pub api: ApiConfig,
+    pub processor: ProcessorConfig,
+    pub model: StateConfig,
+    pub recommend: RecommendConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLogConfig {
+    pub partitions: u32,
+    pub segment_mib: u64,
+    pub retention_hours: u64,
+    pub retention_mib: u64,
+    pub fsync: String,
+    pub fsync_interval_ms: u64,
+    pub dedup_window_hours: u64,
+    pub dedup_max_entries: usize,
+    pub max_pending_mib: u64,
+}
+
+/// The event log backend, chosen by the `log` setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogBackend {
+    /// Segment files under `<data_dir>/log`.
+    Embedded,
+}
+
+/// The state backend, chosen by the `state` setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateBackend {
+    /// In memory with snapshots under `<data_dir>/state`.
+    Embedded,
+}
+
+impl Config {
+    pub fn log_backend(&self) -> Result<LogBackend, String> {
+        match self.log.as_str() {
+            "embedded" => Ok(LogBackend::Embedded),
+            other if other.starts_with("kafka://") => Err(format!(
+                "log backend {other:?}: the Kafka backend is not part of this build yet; use \"embedded\""
+            )),
+            other => Err(format!("unknown log backend {other:?}; expected \"embedded\"")),
+        }
+    }
+
+    pub fn state_backend(&self) -> Result<StateBackend, String> {
+        match self.state.as_str() {
+            "embedded" => Ok(StateBackend::Embedded),
+            other if other.starts_with("redis://") || other.starts_with("redis-cluster://") => Err(format!(
+                "state backend {other:?}: the Redis backend is not part of this build yet; use \"embedded\""
+            )),
+            other => Err(format!("unknown state backend {other:?}; expected \"embedded\"")),
+        }
+    }
+
+    pub fn embedded_log_config(&self) -> Result<kairos_log::EmbeddedLogConfig, String> {
+        let c = &self.event_log;
+        let fsync = match c.fsync.as_str() {
+            "always" => kairos_log::FsyncPolicy::Always,
+            "interval" => kairos_log::FsyncPolicy::IntervalMs(c.fsync_interval_ms.max(1)),
+            "never" => kairos_log::FsyncPolicy::Never,
+            other => {
+                return Err(format!(
+                    "event_log.fsync must be \"always\", \"interval\" or \"never\", not {other:?}"
+                ))
+            }
+        };
+        if c.partitions == 0 {
+            return Err("event_log.partitions must be at least 1".into());
+        }
+        Ok(kairos_log::EmbeddedLogConfig {
+            partitions: c.partitions,
+            segment_bytes: c.segment_mib.max(1) * 1024 * 1024,
+            retention_bytes: (c.retention_mib > 0).then_some(c.retention_mib * 1024 * 1024),
+            retention_ms: (c.retention_hours > 0).then_some(c.retention_hours as i64 * 3_600_000),
+            fsync,
+            dedup_window_ms: c.dedup_window_hours as i64 * 3_600_000,
+            dedup_max_entries: c.dedup_max_entries,
+            max_pending_bytes: c.max_pending_mib.max(1) * 1024 * 1024,
+        })
+    }
+}
+
+/// Merges `overlay` into `base`, table by table.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (k, v) in overlay {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parses an environment value as a TOML value when it is one, else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Turns `KAIROS_*` variables into a TOML overlay. `KAIROS_CONFIG` names the file and is skipped.
+fn env_overlay(vars: impl Iterator<Item = (String, String)>) -> toml::Table {
+    let mut out = toml::Table::new();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("KAIROS_") else {
+            continue;
+        };
+        if rest == "CONFIG" || rest.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let mut table = &mut out;
+        for part in &path[..path.len() - 1] {
+            table = table
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("intermediate keys are tables");
+        }
+        table.insert(path[path.len() - 1].clone(), env_value(&value));
+    }
+    out
+}
+
+/// Builds the configuration from the defaults, an optional file, the environment and flag
+/// overrides (a TOML table built from the command line).
+pub fn load(
+    file: Option<&Path>,
+    env: impl Iterator<Item = (String, String)>,
+    flags: toml::Table,
+) -> Result<Config, String> {
+    let mut table: toml::Table =
+        toml::from_str(DEFAULT_CONFIG).map_err(|e| format!("built-in defaults: {e}"))?;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+        let overlay: toml::Table =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        merge(&mut table, overlay);
+    }
+    merge(&mut table, env_overlay(env));
+    merge(&mut table, flags);
+    let config: Config = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("invalid configuration: {e}"))?;
+    config.log_backend()?;
+    config.state_backend()?;
+    config.embedded_log_config()?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> std::iter::Empty<(String, String)> {
+        std::iter::empty()
+    }
+
+    #[test]
+    fn defaults_file_matches_code_defaults() {
+        let c = load(None, no_env(), toml::Table::new()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7080");
+        assert_eq!(c.data_dir, PathBuf::from("./kairos-data"));
+        // The commented file documents the defaults the code uses: they must never drift.
+        assert_eq!(c.model, StateConfig::default());
+        assert_eq!(c.recommend, RecommendConfig::default());
+        assert_eq!(c.ingest, IngestConfig::default());
+        assert_eq!(c.api, ApiConfig::default());
+        assert_eq!(c.processor, ProcessorConfig::default());
+        let log = c.embedded_log_config().unwrap();
+        let d = kairos_log::EmbeddedLogConfig::default();
+        assert_eq!(log.partitions, d.partitions);
+        assert_eq!(log.segment_bytes, d.segment_bytes);
+        assert_eq!(log.dedup_window_ms, d.dedup_window_ms);
+        assert_eq!(log.dedup_max_entries, d.dedup_max_entries);
+        assert_eq!(log.max_pending_bytes, d.max_pending_bytes);
+        assert_eq!(log.fsync, d.fsync);
+    }
+
+    #[test]
+    fn env_and_flags_override_in_order() {
+        let env = vec![
+            ("KAIROS_LISTEN".to_string(), "0.0.0.0:9000".to_string()),
+            ("KAIROS_EVENT_LOG__FSYNC".to_string(), "never".to_string()),
+            (
+                "KAIROS_INGEST__MAX_BATCH_EVENTS".to_string(),
+                "7".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let mut flags = toml::Table::new();
+        flags.insert("data_dir".into(), toml::Value::String("/tmp/k".into()));
+        let c = load(None, env.into_iter(), flags).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.event_log.fsync, "never");
+        assert_eq!(c.ingest.max_batch_events, 7);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/k"));
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_errors_are_clear() {
+        let dir = std::env::temp_dir().join(format!("kairos-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.toml");
+        std::fs::write(&path, "[model]\nmax_recent_items = 5\n").unwrap();
+        let c = load(Some(&path), no_env(), toml::Table::new()).unwrap();
+        assert_eq!(c.model.max_recent_items, 5);
+        std::fs::write(&path, "[model]\nmax_recnt_items = 5\n").unwrap();
+        let err = load(Some(&path), no_env(), toml::Table::new()).unwrap_err();
+        assert!(err.contains("max_recnt_items"), "{err}");
+        let env = vec![(
+            "KAIROS_EVENT_LOG__FSYNC".to_string(),
+            "sometimes".to_string(),
+        )];
+        let err = load(None, env.into_iter(), toml::Table::new()).unwrap_err();
+        assert!(err.contains("fsync"), "{err}");
+        let env = vec![(
+            "KAIROS_LOG".to_string(),
+            "kafka://127.0.0.1:9092".to_string(),
+        )];
+        let err = load(None, env.into_iter(), toml::Table::new()).unwrap_err();
+        assert!(err.contains("Kafka"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

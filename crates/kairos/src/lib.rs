@@ -1,0 +1,9 @@
+//! The `kairos` binary's library: configuration, the node that wires log, processor, state and
+//! API together, demo data, the data-set readers and the evaluation harness (`kairos eval`).
+
+pub mod config;
+pub mod datasets;
+pub mod demo;
+pub mod eval;
+pub mod node;
+pub mod serve;

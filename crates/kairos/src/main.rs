@@ -1,0 +1,201 @@
+//! `kairos`: the real-time personalization engine in one binary.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use kairos::config::{self, DEFAULT_CONFIG};
+use kairos::eval::{self, EvalOptions, ReplayInput};
+use kairos::serve::{self, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "kairos", version, about = "Kairos: real-time personalization engine (tracker ingest, durable event log, stream processor, state and recommendation API in one binary)")]
+struct Cli {
+    /// TOML configuration file (overrides the built-in defaults; see `kairos config --default`).
+    #[arg(long, global = true, env = "KAIROS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole engine: ingest API, event log, processor, state and recommendation API.
+    Serve(ServeArgs),
+    /// Print the effective configuration (defaults, file, KAIROS_* variables) as TOML.
+    Config {
+        /// Print the commented built-in defaults instead.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Measure recommendation quality offline through the same state and recommender code
+    /// `serve` runs, with the effective configuration.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Sessions split (SR-GNN protocol): learn the training sessions in file order, then score
+    /// the label of every test prefix fed as a fresh anonymous session (no learning).
+    Sessions {
+        /// train_sessions.csv (`session_idx,items`).
+        #[arg(long)]
+        train: PathBuf,
+        /// test_prefixes.csv (`idx,prefix,label`).
+        #[arg(long)]
+        test: PathBuf,
+        #[command(flatten)]
+        common: EvalCommon,
+    },
+    /// Prequential replay of an event stream: before each event of a user with history, score
+    /// the event's item in the user's `for_you` list, then learn the event.
+    Replay {
+        /// events.csv (`timestamp_ms,user_id,session_id,event,item_id`).
+        #[arg(long)]
+        events: PathBuf,
+        /// items.csv (`item_id,title,categories`), loaded as the catalogue first.
+        #[arg(long)]
+        items: Option<PathBuf>,
+        /// Events to score; all of --events then only warm the engine.
+        #[arg(long, conflicts_with = "score_from")]
+        test_events: Option<PathBuf>,
+        /// Score only events at or after this time (epoch ms); earlier ones only warm.
+        #[arg(long)]
+        score_from: Option<i64>,
+        #[command(flatten)]
+        common: EvalCommon,
+    },
+}
+
+#[derive(Args)]
+struct EvalCommon {
+    /// Length of the recommended lists (the k of HR@k, MRR@k, NDCG@k).
+    #[arg(long, default_value_t = 20)]
+    k: usize,
+    /// Also print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write every scored case to this CSV file
+    /// (`case,session_id,user_id,position,label,rank,top_k`).
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+impl EvalCommon {
+    fn options(&self) -> EvalOptions {
+        EvalOptions {
+            k: self.k,
+            dump: self.dump.clone(),
+            progress: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address of the HTTP API [default 127.0.0.1:7080; env KAIROS_LISTEN].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory for the event log and snapshots [default ./kairos-data; env KAIROS_DATA_DIR].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Event log backend [default embedded; env KAIROS_LOG].
+    #[arg(long)]
+    log: Option<String>,
+    /// State backend [default embedded; env KAIROS_STATE].
+    #[arg(long)]
+    state: Option<String>,
+    /// Load demo data (a catalogue and an event stream) into an empty data directory.
+    #[arg(long)]
+    demo: bool,
+    /// Directory with events.csv and items.csv for --demo [default ../shared/data/movielens-small,
+    /// else a generated shop].
+    #[arg(long)]
+    demo_data: Option<PathBuf>,
+}
+
+fn flags_table(args: &ServeArgs) -> toml::Table {
+    let mut t = toml::Table::new();
+    let mut set = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            t.insert(k.into(), toml::Value::String(v));
+        }
+    };
+    set("listen", args.listen.clone());
+    set("data_dir", args.data_dir.as_ref().map(|p| p.display().to_string()));
+    set("log", args.log.clone());
+    set("state", args.state.clone());
+    t
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config { default: true } => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(())
+        }
+        Command::Config { default: false } => {
+            config::load(cli.config.as_deref(), std::env::vars(), toml::Table::new()).and_then(|c| {
+                toml::to_string(&c)
+                    .map(|s| print!("{s}"))
+                    .map_err(|e| e.to_string())
+            })
+        }
+        Command::Serve(args) => {
+            config::load(cli.config.as_deref(), std::env::vars(), flags_table(&args)).and_then(|c| {
+                serve::init_tracing(&c.log_format, &c.log_level);
+                serve::run(
+                    c,
+                    ServeOptions {
+                        demo: args.demo,
+                        demo_data: args.demo_data,
+                    },
+                )
+            })
+        }
+        Command::Eval(cmd) => config::load(cli.config.as_deref(), std::env::vars(), toml::Table::new())
+            .and_then(|c| {
+                let (report, json) = match &cmd {
+                    EvalCommand::Sessions { train, test, common } => (
+                        eval::run_sessions(&c.model, &c.recommend, train, test, &common.options()),
+                        common.json,
+                    ),
+                    EvalCommand::Replay {
+                        events,
+                        items,
+                        test_events,
+                        score_from,
+                        common,
+                    } => {
+                        let input = ReplayInput {
+                            events: events.clone(),
+                            items: items.clone(),
+                            test_events: test_events.clone(),
+                            score_from: *score_from,
+                        };
+                        (
+                            eval::run_replay(&c.model, &c.recommend, &input, &common.options()),
+                            common.json,
+                        )
+                    }
+                };
+                let report = report?;
+                print!("{}", report.table());
+                if json {
+                    println!("{}", report.json());
+                }
+                Ok(())
+            }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kairos: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

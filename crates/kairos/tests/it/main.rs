@@ -1,0 +1,12 @@
+//! Kairos integration tests: one test binary for the whole workspace (fast to link on 2 cores).
+//!
+//! - `api`: every endpoint and every error code, in-process against the real router.
+//! - `golden`: a fixed event stream gives saved profiles and recommendations, straight through
+//!   and with restarts in the middle.
+//! - `crash`: a child `kairos serve` is killed with SIGKILL under concurrent ingest, several times;
+//!   every acknowledged event is in the log exactly once and the state equals a clean replay.
+
+mod api;
+mod crash;
+mod golden;
+mod support;

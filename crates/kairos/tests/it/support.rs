@@ -1,0 +1,216 @@
+//! Test support: temporary nodes, in-process requests, and a minimal HTTP/1.1 client for child
+//! processes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use kairos::config::{self, Config};
+use kairos::node::Node;
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kairos-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The default configuration on `data_dir`, with `overrides` (TOML) applied.
+pub fn test_config(data_dir: &Path, overrides: &str) -> Config {
+    let mut flags: toml::Table = toml::from_str(overrides).unwrap();
+    flags.insert(
+        "data_dir".into(),
+        toml::Value::String(data_dir.display().to_string()),
+    );
+    // Recompute cached lists on every change so results never depend on wall-clock timing.
+    let model = flags
+        .entry("model")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap();
+    model
+        .entry("trending_refresh_ms")
+        .or_insert(toml::Value::Integer(0));
+    config::load(None, std::iter::empty(), flags).unwrap()
+}
+
+/// A node running in-process on a temporary data directory.
+pub struct TestNode {
+    pub node: Option<Node>,
+    pub router: axum::Router,
+    pub config: Config,
+}
+
+impl TestNode {
+    pub fn start(dir: &Path, overrides: &str) -> TestNode {
+        let config = test_config(dir, overrides);
+        Self::start_with(config)
+    }
+
+    pub fn start_with(config: Config) -> TestNode {
+        let node = Node::start(&config).unwrap();
+        assert!(
+            node.wait_ready(Duration::from_secs(30)),
+            "node did not become ready"
+        );
+        let router = node.router();
+        TestNode {
+            node: Some(node),
+            router,
+            config,
+        }
+    }
+
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().unwrap()
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+        content_type: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let req = req
+            .body(body.map(Body::from).unwrap_or_else(Body::empty))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, value)
+    }
+
+    pub async fn post(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(
+            Method::POST,
+            uri,
+            Some(serde_json::to_vec(body).unwrap()),
+            Some("application/json"),
+        )
+        .await
+    }
+
+    pub async fn put(&self, uri: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(
+            Method::PUT,
+            uri,
+            Some(serde_json::to_vec(body).unwrap()),
+            Some("application/json"),
+        )
+        .await
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, uri, None, None).await
+    }
+
+    pub async fn delete(&self, uri: &str) -> (StatusCode, Value) {
+        self.request(Method::DELETE, uri, None, None).await
+    }
+
+    /// Graceful shutdown: final snapshot, log closed.
+    pub fn shutdown(mut self) {
+        self.node.take().unwrap().shutdown().unwrap();
+    }
+}
+
+/// Item ids of a recommendation response.
+pub fn ids(rec: &Value) -> Vec<String> {
+    rec["items"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A blocking HTTP/1.1 request to a child process; returns status and body.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let body = body.unwrap_or(b"");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    let text_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
+    let head = String::from_utf8_lossy(&buf[..text_end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let mut body = buf[text_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Ok((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = pos + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
