@@ -281,6 +281,45 @@ pub fn register_state_gauges(
         &[],
         move || s.read().item_data.len() as f64,
     );
+    for (name, help, hits) in [
+        (
+            "kairos_cache_hits_total",
+            "Trending/popular list lookups answered from the cache.",
+            true,
+        ),
+        (
+            "kairos_cache_misses_total",
+            "Trending/popular list lookups that recomputed the list.",
+            false,
+        ),
+    ] {
+        let s = store.clone();
+        registry.computed(name, help, &[], move || {
+            let state = s.read();
+            let c = if hits {
+                &state.caches.hits
+            } else {
+                &state.caches.misses
+            };
+            c.load(Ordering::Relaxed) as f64
+        });
+    }
+    let s = store.clone();
+    registry.computed(
+        "kairos_cache_hit_ratio",
+        "Share of trending/popular lookups answered from the cache.",
+        &[],
+        move || {
+            let state = s.read();
+            let hits = state.caches.hits.load(Ordering::Relaxed) as f64;
+            let misses = state.caches.misses.load(Ordering::Relaxed) as f64;
+            if hits + misses > 0.0 {
+                hits / (hits + misses)
+            } else {
+                0.0
+            }
+        },
+    );
     let s = store;
     registry.computed(
         "kairos_state_applied_seq",

@@ -17,6 +17,7 @@
 //! Ties are broken by item index (first-seen order), so results are deterministic.
 
 use std::cmp::Ordering;
+use std::sync::atomic::Ordering as AtomicOrdering;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
@@ -549,10 +550,12 @@ fn ranked_list(
         if let Some(c) = guard.get(&category) {
             let fresh = c.seq == seq || state.clock.saturating_sub(c.clock) < refresh_ms;
             if fresh {
+                state.caches.hits.fetch_add(1, AtomicOrdering::Relaxed);
                 return c.items.clone();
             }
         }
     }
+    state.caches.misses.fetch_add(1, AtomicOrdering::Relaxed);
     let mut list: Vec<(u32, f32)> = state
         .item_data
         .iter()

@@ -77,6 +77,9 @@ pub struct CachedList {
 pub struct Caches {
     pub trending: Mutex<FxHashMap<Option<u32>, CachedList>>,
     pub popular: Mutex<FxHashMap<Option<u32>, CachedList>>,
+    /// Lookups answered from a cached list, and lookups that recomputed it.
+    pub hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -620,3 +620,96 @@ mod tests {
         assert_eq!(back, e);
     }
 }
+
+/// Robustness of the parser of untrusted input: any JSON value, and any bytes as a timestamp,
+/// give an event or a coded error, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[a-zA-Z_ ]{0,12}".prop_map(Value::String),
+            prop_oneof![
+                Just("track"),
+                Just("page"),
+                Just("identify"),
+                Just("alias"),
+                Just("product_view"),
+                Just("purchase"),
+                Just("add_to_cart"),
+                Just("search"),
+                Just("rec_click"),
+                Just("2024-01-01T00:00:00Z")
+            ]
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("type"),
+                            Just("event"),
+                            Just("userId"),
+                            Just("anonymousId"),
+                            Just("messageId"),
+                            Just("timestamp"),
+                            Just("sentAt"),
+                            Just("properties"),
+                            Just("product_id"),
+                            Just("products"),
+                            Just("previousId"),
+                            Just("context"),
+                            Just("query"),
+                            Just("rec_id"),
+                            Just("quantity"),
+                            Just("price")
+                        ],
+                        inner
+                    ),
+                    0..8
+                )
+                .prop_map(|kv| Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn normalize_never_panics(v in arb_json()) {
+            let req = RequestContext { received_at: 1_000, fallback_message_id: "f".into(), ..Default::default() };
+            match normalize(&v, &req) {
+                Ok(e) => {
+                    // A normalized event always has an identity and survives the log encoding.
+                    prop_assert!(!e.partition_key().is_empty());
+                    let bytes = serde_json::to_vec(&e).unwrap();
+                    let back: Event = serde_json::from_slice(&bytes).unwrap();
+                    prop_assert_eq!(back, e);
+                }
+                Err(err) => prop_assert!(!err.message.is_empty()),
+            }
+        }
+
+        #[test]
+        fn timestamp_parser_never_panics(s in "\\PC{0,40}") {
+            let _ = crate::time::parse_rfc3339_ms(&s);
+        }
+
+        #[test]
+        fn timestamp_parser_round_trips(ms in -50_000_000_000_000i64..50_000_000_000_000) {
+            prop_assert_eq!(crate::time::parse_rfc3339_ms(&crate::time::format_rfc3339_ms(ms)), Some(ms));
+        }
+    }
+}

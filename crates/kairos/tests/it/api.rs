@@ -455,6 +455,7 @@ async fn every_endpoint_and_error_code() {
         "kairos_event_to_state_seconds_count",
         "kairos_log_bytes",
         "kairos_state_users",
+        "kairos_cache_hit_ratio",
     ] {
         assert!(text.contains(metric), "missing {metric} in\n{text}");
     }
