@@ -94,7 +94,7 @@ pub type ItemIdx = u32;
 /// of the DIGINETICA training sessions (never on its test prefixes) and favour robust,
 /// literature-standard values over the last decimal (see `examples/session_eval.rs`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionModelConfig {
     /// Sessions retained (FIFO ring by first event; the oldest is evicted). Learning-time bound.
     pub max_sessions: usize,
