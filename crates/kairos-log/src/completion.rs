@@ -17,7 +17,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// The receiving half of a one-shot value. See the [module docs](self).
+/// The receiving half of a one-shot value, e.g. the result of
+/// [`EventLog::append`](crate::EventLog::append).
+///
+/// `.await` it (it implements [`Future`] and stores the task's [`Waker`]) or
+/// block on it with [`wait`](Self::wait); no async runtime is required. It is
+/// `Send`, and the producing side may complete it from any thread.
+///
+/// It never hangs: if the [`Completer`] is dropped without a value — because
+/// the log's writer thread stopped, panicked or was shut down — the
+/// completion resolves to the fallback value given to [`completion_pair`]
+/// (for the log, an error).
 #[must_use = "a Completion does nothing unless waited on or awaited"]
 pub struct Completion<T> {
     slot: Arc<Slot<T>>,

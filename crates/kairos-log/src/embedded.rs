@@ -20,8 +20,12 @@ use crate::sync::{lock, read, write};
 use crate::writer::{AppendResult, Queue, QueueState, Request, Writer, WriterPartition};
 use crate::{AppendRecord, EventLog, LogStats, Record, RetentionReport};
 
-/// Size of the positioned reads issued by [`EventLog::read`].
-const READ_CHUNK_BYTES: usize = 128 * 1024;
+/// Bounds of the positioned-read size of [`EventLog::read`], which is sized
+/// from `max_records` assuming about [`READ_BYTES_PER_RECORD`] per record. The
+/// lower bound covers the up to 8 KiB skipped after an index entry.
+const MIN_READ_CHUNK_BYTES: usize = 16 * 1024;
+const MAX_READ_CHUNK_BYTES: usize = 256 * 1024;
+const READ_BYTES_PER_RECORD: usize = 512;
 
 /// Monotonic counters reported by [`EventLog::stats`].
 #[derive(Debug, Default)]
@@ -89,8 +93,15 @@ impl EmbeddedLog {
     pub fn open(dir: &Path, config: EmbeddedLogConfig) -> Result<Self, LogError> {
         config.validate()?;
         let started = Instant::now();
-        fs::create_dir_all(dir)
-            .map_err(|e| LogError::io(format_args!("creating {}", dir.display()), e))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir)
+                .map_err(|e| LogError::io(format_args!("creating {}", dir.display()), e))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(|e| {
+                    LogError::io(format_args!("fsync directory {}", parent.display()), e)
+                })?;
+            }
+        }
         meta::load_or_create(dir, config.partitions)?;
 
         let mut dedup = DedupSet::new(config.dedup_window_ms, config.dedup_max_entries);
@@ -321,6 +332,9 @@ impl EventLog for EmbeddedLog {
 
         let wanted = usize::try_from(end - from_offset).map_or(max_records, |n| n.min(max_records));
         let mut records = Vec::with_capacity(wanted.min(8192));
+        let chunk = wanted
+            .saturating_mul(READ_BYTES_PER_RECORD)
+            .clamp(MIN_READ_CHUNK_BYTES, MAX_READ_CHUNK_BYTES);
         let mut next = from_offset;
         'segments: for segment in &segments {
             let corrupt = |position: u64, reason: String| LogError::Corrupt {
@@ -336,7 +350,7 @@ impl EventLog for EmbeddedLog {
             }
             let position = segment.position_for(next)?;
             let file = segment.reader()?;
-            let mut reader = FrameReader::new(&file, position, READ_CHUNK_BYTES, true);
+            let mut reader = FrameReader::new(&file, position, chunk, true);
             loop {
                 let frame = match reader.next_frame() {
                     Ok(Some(frame)) => frame,

@@ -118,6 +118,7 @@ mod partitioner;
 mod recovery;
 mod segment;
 mod sync;
+mod syncpool;
 mod writer;
 
 use std::time::Duration;

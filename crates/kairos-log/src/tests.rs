@@ -281,6 +281,35 @@ fn reopen_preserves_everything_and_continues() {
     ));
 }
 
+#[test]
+fn metadata_file_guards_the_format() {
+    let dir = TestDir::new("meta");
+    drop(EmbeddedLog::open(dir.path(), config(2, 1 << 20)).expect("create"));
+    let meta = fs::read_to_string(dir.path().join("log.meta")).expect("read meta");
+    assert!(
+        meta.contains("version=1") && meta.contains("partitions=2"),
+        "{meta}"
+    );
+
+    fs::write(
+        dir.path().join("log.meta"),
+        meta.replace("version=1", "version=2"),
+    )
+    .expect("write");
+    assert!(matches!(
+        EmbeddedLog::open(dir.path(), config(2, 1 << 20)),
+        Err(LogError::UnsupportedVersion {
+            found: 2,
+            supported: 1
+        })
+    ));
+    fs::write(dir.path().join("log.meta"), "garbage").expect("write");
+    assert!(matches!(
+        EmbeddedLog::open(dir.path(), config(2, 1 << 20)),
+        Err(LogError::Corrupt { .. })
+    ));
+}
+
 /// Appends `count` records spread over the partitions and returns them per
 /// partition in offset order (payload only).
 fn fill(log: &EmbeddedLog, count: usize, rng: &mut Rng) -> BTreeMap<u32, Vec<Vec<u8>>> {
@@ -667,6 +696,10 @@ fn group_commit_shares_fsyncs_between_concurrent_appenders() {
     let appends = (threads * appends_per_thread) as u64;
     let fsyncs = stats.fsyncs - fsyncs_before;
     assert_eq!(stats.appended_records, appends * 20);
+    println!(
+        "{appends} appends, {fsyncs} fsyncs, {} batches",
+        stats.write_batches
+    );
     assert!(
         fsyncs * 3 <= appends,
         "{appends} appends needed {fsyncs} fsyncs in {} batches",
@@ -1069,8 +1102,11 @@ proptest! {
     }
 }
 
-/// Measures durable append throughput. Run with
-/// `cargo test -p kairos-log --release -- --ignored --nocapture throughput`.
+/// Measures durable append throughput: `threads` appenders each append
+/// `appends` batches of `batch` records with 400-byte payloads and wait for
+/// each. Run with
+/// `cargo test -p kairos-log --release -- --ignored --nocapture throughput`
+/// (override the shape with `KAIROS_LOG_BENCH_THREADS`, `_BATCH`, `_APPENDS`).
 #[test]
 #[ignore = "throughput measurement"]
 fn throughput_fsync_always() {
@@ -1080,9 +1116,15 @@ fn throughput_fsync_always() {
         ..EmbeddedLogConfig::default()
     };
     let log = Arc::new(EmbeddedLog::open(dir.path(), cfg).expect("open"));
-    let threads = 32;
-    let batch = 50;
-    let appends_per_thread = 1_000;
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let threads = env("KAIROS_LOG_BENCH_THREADS", 32);
+    let batch = env("KAIROS_LOG_BENCH_BATCH", 50);
+    let appends_per_thread = env("KAIROS_LOG_BENCH_APPENDS", 1_000);
     let payload = vec![b'x'; 400];
     let started = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -1111,12 +1153,40 @@ fn throughput_fsync_always() {
     let stats = log.stats();
     let events = (threads * appends_per_thread * batch) as f64;
     println!(
-        "{} events in {:.2?}: {:.0} events/s durable (fsync=Always), {} batches, {} fsyncs, {} MiB",
-        events,
+        "{threads} appenders x {batch} records: {events} events in {:.2?}: {:.0} events/s \
+         durable (fsync=Always), {} batches, {} fsyncs, {} MiB",
         elapsed,
         events / elapsed.as_secs_f64(),
         stats.write_batches,
         stats.fsyncs,
         stats.total_bytes >> 20
+    );
+    log.close().expect("close");
+    drop(log);
+
+    let started = Instant::now();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedLogConfig::default()).expect("reopen");
+    println!(
+        "reopen (tail recovery + dedup window rebuild over {events} records): {:.2?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let mut read = 0usize;
+    for p in 0..log.partition_count() {
+        let mut offset = 0;
+        loop {
+            let records = log.read(p, offset, 1_000).expect("read");
+            if records.is_empty() {
+                break;
+            }
+            offset += records.len() as u64;
+            read += records.len();
+        }
+    }
+    assert_eq!(read as f64, events);
+    println!(
+        "read back {read} records in {:.2?}: {:.0} records/s",
+        started.elapsed(),
+        read as f64 / started.elapsed().as_secs_f64()
     );
 }

@@ -10,8 +10,9 @@
 //! Group commit falls out of this loop: while the thread waits in
 //! `fdatasync`, new requests accumulate in the queue, and the next iteration
 //! writes all of them and covers them with one more `fdatasync` per dirty
-//! partition. The busier the log, the larger the batches and the fewer the
-//! fsyncs per record.
+//! partition (issued concurrently by a small helper pool, so commit latency
+//! does not grow with the partition count). The busier the log, the larger
+//! the batches and the fewer the fsyncs per record.
 //!
 //! On an I/O error the thread fails the whole batch, marks the log failed
 //! (further appends get [`LogError::WriterFailed`]) and exits: after a failed
@@ -36,6 +37,7 @@ use crate::partitioner::partition_for;
 use crate::recovery::{PartitionState, RecoveredPartition};
 use crate::segment::{create_segment_file, IndexBuilder, IndexEntry, Segment};
 use crate::sync::{lock, write};
+use crate::syncpool::SyncPool;
 use crate::{AppendOutcome, AppendRecord};
 
 /// What an append request resolves to.
@@ -65,7 +67,7 @@ pub(crate) enum QueueState {
 /// Requests handed from appenders to the writer.
 pub(crate) struct Queue {
     pub(crate) requests: Vec<Request>,
-    /// Payload bytes in `requests`.
+    /// Key and payload bytes in `requests`, for back-pressure.
     pub(crate) pending_bytes: u64,
     pub(crate) state: QueueState,
 }
@@ -74,8 +76,9 @@ pub(crate) struct Queue {
 struct PartitionWriter {
     id: u32,
     dir: PathBuf,
-    /// The active segment, opened for appending.
-    file: File,
+    /// The active segment, opened for appending; shared with the fsync
+    /// helpers.
+    file: Arc<File>,
     segment: Arc<Segment>,
     /// Bytes in the active segment, including bytes still in `buf`.
     size: u64,
@@ -138,7 +141,7 @@ impl PartitionWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.buf).map_err(|e| {
+        (&*self.file).write_all(&self.buf).map_err(|e| {
             LogError::io(format_args!("writing {}", self.segment.path().display()), e)
         })?;
         self.buf.clear();
@@ -182,7 +185,7 @@ impl PartitionWriter {
             base_offset = self.next_offset,
             "rolled event log segment"
         );
-        self.file = file;
+        self.file = Arc::new(file);
         self.segment = segment;
         self.size = 0;
         self.index = IndexBuilder::default();
@@ -201,6 +204,7 @@ pub(crate) struct Writer {
     policy: FsyncPolicy,
     segment_bytes: u64,
     last_sync: Instant,
+    sync_pool: SyncPool,
 }
 
 /// Writer-side parts of a recovered partition.
@@ -244,12 +248,13 @@ impl Writer {
         policy: FsyncPolicy,
         segment_bytes: u64,
     ) -> Self {
+        let partition_count = partitions.len();
         let partitions = partitions
             .into_iter()
             .map(|p| PartitionWriter {
                 id: p.id,
                 dir: p.dir,
-                file: p.file,
+                file: Arc::new(p.file),
                 segment: p.segment,
                 size: p.size,
                 next_offset: p.next_offset,
@@ -270,6 +275,7 @@ impl Writer {
             policy,
             segment_bytes,
             last_sync: Instant::now(),
+            sync_pool: SyncPool::new(partition_count),
         }
     }
 
@@ -421,10 +427,38 @@ impl Writer {
             .try_for_each(PartitionWriter::flush)
     }
 
+    /// Writes out all buffers and fdatasyncs every dirty partition,
+    /// concurrently (see [`SyncPool`]).
     fn sync_all(&mut self) -> Result<(), LogError> {
         self.flush_all()?;
-        for partition in &mut self.partitions {
-            partition.sync(&self.shared)?;
+        let dirty: Vec<usize> = (0..self.partitions.len())
+            .filter(|&i| self.partitions[i].unsynced)
+            .collect();
+        let files: Vec<Arc<File>> = dirty
+            .iter()
+            .map(|&i| Arc::clone(&self.partitions[i].file))
+            .collect();
+        let results = self.sync_pool.sync_all(&files);
+        let mut first_error = None;
+        for (&i, result) in dirty.iter().zip(results) {
+            let partition = &mut self.partitions[i];
+            match result {
+                Ok(()) => {
+                    partition.unsynced = false;
+                    self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| {
+                        LogError::io(
+                            format_args!("fsync {}", partition.segment.path().display()),
+                            e,
+                        )
+                    });
+                }
+            }
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
         self.last_sync = Instant::now();
         Ok(())
@@ -497,5 +531,45 @@ impl Drop for ExitGuard {
                 .completer
                 .complete(Err(LogError::WriterFailed(message.clone())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::completion::completion_pair;
+    use crate::embedded::Counters;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::{Condvar, Mutex};
+
+    #[test]
+    fn exit_guard_fails_queued_requests_and_the_queue() {
+        let shared = Arc::new(Shared {
+            partitions: Vec::new(),
+            queue: Mutex::new(Queue {
+                requests: Vec::new(),
+                pending_bytes: 0,
+                state: QueueState::Open,
+            }),
+            queue_cv: Condvar::new(),
+            committed: Mutex::new(0),
+            committed_cv: Condvar::new(),
+            committed_seq: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        let (completer, completion) = completion_pair(|| Ok(Vec::new()));
+        lock(&shared.queue).requests.push(Request {
+            records: vec![AppendRecord::default()],
+            completer,
+        });
+        drop(ExitGuard {
+            shared: Arc::clone(&shared),
+            failure: Some("disk on fire".to_owned()),
+        });
+        assert!(matches!(completion.wait(), Err(LogError::WriterFailed(m)) if m == "disk on fire"));
+        assert!(matches!(
+            &lock(&shared.queue).state,
+            QueueState::Failed(m) if m == "disk on fire"
+        ));
     }
 }
