@@ -19,3 +19,35 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (unit, property, in-process API, golden replay, crash tests)"
 cargo test --workspace --locked
+
+# The debug binary `cargo test` just built: a smoke test of the benchmark harness end to end
+# (every scenario at a small scale). It asserts nothing about speed; BENCHMARKS.md has the figures.
+step "kairos bench --quick (smoke test of the benchmark suite)"
+./target/debug/kairos bench --quick
+
+# The browser tracker (sdk/js): its own npm devDependencies (typescript, esbuild, playwright-core).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "node and npm are required for the browser tracker's tests" >&2
+    exit 1
+fi
+
+step "tracker: npm ci, typecheck, bundles up to date, unit tests and the 6 KB size budget"
+(
+    cd sdk/js
+    npm ci --no-audit --no-fund --loglevel=error >/dev/null
+    npx tsc -p .
+    node build.mjs --check
+    node --test --test-reporter=spec test/unit/*.test.mjs
+)
+
+step "tracker and demo shop end to end: headless Chromium against target/debug/kairos serve"
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+(
+    cd sdk/js
+    E2E_KAIROS_BIN="$PWD/../../target/debug/kairos" node --test --test-reporter=spec --test-concurrency=1 test/e2e/*.test.mjs
+)

@@ -1,9 +1,12 @@
-//! Tracker ingest: `POST /v1/batch` and the single-call endpoints.
+//! Tracker ingest: `POST /v1/batch` and the single-call endpoints, and `POST /v1/validate`, which
+//! checks a batch the same way but stores nothing.
 //!
 //! A batch is validated event by event: valid events are appended even when others are rejected,
 //! and the answer lists each rejected event's index and code. The request is acknowledged only
 //! after the log reports its events durable; a `messageId` seen before (within the log's dedup
-//! window) is accepted and dropped, so tracker retries never double count.
+//! window) is accepted and dropped, so tracker retries never double count. The write key (HTTP
+//! Basic auth, or `writeKey` in the body) and the page's origin are checked by [`crate::access`]
+//! before any event is looked at.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,10 +21,11 @@ use serde_json::{json, Map, Value};
 
 use kairos_log::{AppendOutcome, AppendRecord};
 use kairos_types::{
-    normalize, stable_hash64, ApiError, CallType, Code, Event, LogEntry, RequestContext,
+    normalize_json, stable_hash64, ApiError, CallType, Code, Event, LogEntry, RequestContext,
 };
 
 use crate::error::{ApiResult, HttpError};
+use crate::pending::PendingWrites;
 use crate::AppState;
 
 /// Reads a request body up to `limit` bytes, rejecting larger ones with 413 `code`.
@@ -74,6 +78,16 @@ struct Envelope<'a> {
     sent_at: Option<Value>,
     #[serde(default)]
     context: Option<Map<String, Value>>,
+    /// The source's write key, for clients that cannot set headers (`sendBeacon`).
+    #[serde(default)]
+    write_key: Option<String>,
+}
+
+/// The `writeKey` of a single-event body.
+#[derive(Deserialize)]
+struct BodyKey {
+    #[serde(default, rename = "writeKey")]
+    write_key: Option<String>,
 }
 
 fn request_context(received_at: i64, call: Option<CallType>) -> RequestContext {
@@ -106,10 +120,18 @@ async fn append_events(app: &AppState, events: Vec<(Event, bool)>) -> ApiResult<
             duplicates: 0,
         });
     }
+    // The person ids of each event, for read-your-writes (see `pending`).
+    let buckets: Vec<[Option<usize>; 3]> = events
+        .iter()
+        .map(|(e, _)| {
+            [&e.user_id, &e.anonymous_id, &e.previous_id]
+                .map(|id| id.as_deref().map(PendingWrites::bucket_of))
+        })
+        .collect();
     let records = events
         .into_iter()
         .map(|(event, client_id)| {
-            let key = event.partition_key().to_owned();
+            let key = event.partition_key();
             // Retries carry the same messageId; generated ids are unique, nothing to dedup.
             let dedup_id = if client_id {
                 stable_hash64(&[key.as_bytes(), event.message_id.as_bytes()])
@@ -117,7 +139,7 @@ async fn append_events(app: &AppState, events: Vec<(Event, bool)>) -> ApiResult<
                 0
             };
             AppendRecord {
-                key: key.into_bytes(),
+                key: key.as_bytes().to_vec(),
                 // Ingestion time, not the client's event time: the log's dedup window and
                 // retention are about when Kairos received a record (like Kafka's LogAppendTime).
                 timestamp_ms: event.received_at,
@@ -126,13 +148,18 @@ async fn append_events(app: &AppState, events: Vec<(Event, bool)>) -> ApiResult<
             }
         })
         .collect();
-    let outcomes = app.log.append(records).await.map_err(|e| {
-        tracing::error!(error = %e, "event log append failed");
-        HttpError::new(
-            Code::LogUnavailable,
-            format!("the event log could not store the events: {e}"),
-        )
-    })?;
+    let outcomes = app
+        .log
+        .append(records)
+        .await
+        .map_err(|e| HttpError::from_log(&e, "events"))?;
+    for (ids, outcome) in buckets.iter().zip(&outcomes) {
+        if let AppendOutcome::Appended { seq, .. } = outcome {
+            for &bucket in ids.iter().flatten() {
+                app.pending.note_event(bucket, *seq);
+            }
+        }
+    }
     let duplicates = outcomes
         .iter()
         .filter(|o| matches!(o, AppendOutcome::Duplicate))
@@ -152,7 +179,19 @@ pub(crate) async fn batch(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let started = Instant::now();
-    let result = batch_inner(&app, &headers, body).await;
+    let result = async {
+        let checked = check_batch(&app, &headers, body).await?;
+        for &code in &checked.rejected_codes {
+            app.metrics.rejected(code);
+        }
+        let appended = append_events(&app, checked.valid).await?;
+        Ok::<_, HttpError>(Json(json!({
+            "accepted": appended.accepted,
+            "duplicates": appended.duplicates,
+            "rejected": checked.rejected,
+        })))
+    }
+    .await;
     app.metrics.ingest_latency.observe(started.elapsed());
     if let Err(e) = &result {
         app.metrics.requests_failed.inc();
@@ -161,7 +200,30 @@ pub(crate) async fn batch(
     result
 }
 
-async fn batch_inner(app: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+/// `POST /v1/validate`: checks a batch exactly as `/v1/batch` does (limits, envelope, every event)
+/// and answers with the same per-event verdicts, but stores nothing. Tracker integrations use it
+/// to test their events; `kairos bench` uses it as the HTTP + JSON ceiling of ingest.
+pub(crate) async fn validate(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let checked = check_batch(&app, &headers, body).await?;
+    Ok(Json(json!({
+        "valid": checked.valid.len(),
+        "rejected": checked.rejected,
+    })))
+}
+
+/// A batch after validation: the valid events (with whether the client sent the message id) and
+/// the verdicts (and codes, for the metrics) of the rejected ones.
+struct CheckedBatch {
+    valid: Vec<(Event, bool)>,
+    rejected: Vec<Value>,
+    rejected_codes: Vec<Code>,
+}
+
+async fn check_batch(app: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<CheckedBatch> {
     let limits = &app.ingest;
     let bytes = read_body(headers, body, limits.max_batch_bytes, Code::PayloadTooLarge).await?;
     let received_at = kairos_types::time::now_ms();
@@ -171,10 +233,13 @@ async fn batch_inner(app: &AppState, headers: &HeaderMap, body: Body) -> ApiResu
             batch: serde_json::from_slice(&bytes).map_err(malformed)?,
             sent_at: None,
             context: None,
+            write_key: None,
         }
     } else {
         serde_json::from_slice(&bytes).map_err(malformed)?
     };
+    app.access
+        .authorize(headers, envelope.write_key.as_deref())?;
     if envelope.batch.is_empty() {
         return Err(HttpError::new(
             Code::EmptyBatch,
@@ -207,23 +272,23 @@ async fn batch_inner(app: &AppState, headers: &HeaderMap, body: Body) -> ApiResu
         ctx.context = c;
     }
     let mut rejected = Vec::new();
+    let mut rejected_codes = Vec::new();
     let mut valid = Vec::with_capacity(envelope.batch.len());
     for (index, raw) in envelope.batch.iter().enumerate() {
         match validate_one(raw, &mut ctx, limits.max_event_bytes, index) {
             Ok(ok) => valid.push(ok),
             Err(e) => {
-                app.metrics.rejected(e.code);
+                rejected_codes.push(e.code);
                 rejected
                     .push(json!({"index": index, "code": e.code.as_str(), "message": e.message}));
             }
         }
     }
-    let appended = append_events(app, valid).await?;
-    Ok(Json(json!({
-        "accepted": appended.accepted,
-        "duplicates": appended.duplicates,
-        "rejected": rejected,
-    })))
+    Ok(CheckedBatch {
+        valid,
+        rejected,
+        rejected_codes,
+    })
 }
 
 fn parse_time(v: &Value) -> Option<i64> {
@@ -250,10 +315,8 @@ fn validate_one(
             ),
         ));
     }
-    let value: Value = serde_json::from_str(raw.get())
-        .map_err(|e| ApiError::new(Code::InvalidEvent, format!("invalid event: {e}")))?;
     ctx.fallback_message_id = fallback_id(ctx.received_at, index);
-    let event = normalize(&value, ctx)?;
+    let event = normalize_json(raw.get(), ctx)?;
     let client_id = event.message_id != ctx.fallback_message_id;
     Ok((event, client_id))
 }
@@ -269,6 +332,10 @@ async fn single(
         let max = app.ingest.max_event_bytes;
         let bytes = read_body(&headers, body, max, Code::EventTooLarge).await?;
         let raw: &RawValue = serde_json::from_slice(&bytes).map_err(malformed)?;
+        let body_key = serde_json::from_str::<BodyKey>(raw.get())
+            .ok()
+            .and_then(|k| k.write_key);
+        app.access.authorize(&headers, body_key.as_deref())?;
         let mut ctx = request_context(kairos_types::time::now_ms(), Some(call));
         let (event, client_id) = validate_one(raw, &mut ctx, max, 0)?;
         if event.call != call {

@@ -11,7 +11,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::{json, Value};
 
-use kairos_log::AppendRecord;
+use kairos_log::{AppendOutcome, AppendRecord};
 use kairos_types::{Code, Item, LogEntry};
 
 use crate::error::{ApiResult, HttpError};
@@ -32,12 +32,16 @@ async fn append_entries(app: &AppState, entries: Vec<LogEntry>) -> ApiResult<()>
             payload: e.encode(),
         })
         .collect();
-    app.log.append(records).await.map_err(|e| {
-        HttpError::new(
-            Code::LogUnavailable,
-            format!("the event log could not store the change: {e}"),
-        )
-    })?;
+    let outcomes = app
+        .log
+        .append(records)
+        .await
+        .map_err(|e| HttpError::from_log(&e, "catalogue change"))?;
+    for outcome in outcomes {
+        if let AppendOutcome::Appended { seq, .. } = outcome {
+            app.pending.note_catalog(seq);
+        }
+    }
     Ok(())
 }
 

@@ -5,11 +5,19 @@
 //! applied everything acknowledged before them (read-your-writes), then query the [`StateStore`]
 //! through the recommender. Every error is JSON `{"message","code","type","link"}` from the one
 //! error-code table.
+//!
+//! Browsers are served too: [`access`] checks write keys and page origins and answers CORS, and
+//! [`assets`] serves the tracker bundles (and, with `--demo`, the demo shop) compiled into the
+//! binary.
 
+pub mod access;
+pub mod assets;
+mod catalog;
 pub mod config;
 pub mod error;
 mod ingest;
 mod items;
+mod pending;
 mod recommendations;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +36,8 @@ use kairos_recommend::RecommendConfig;
 use kairos_state::StateStore;
 use kairos_types::metrics::{Counter, Histogram, Registry};
 
-pub use config::{ApiConfig, IngestConfig};
+pub use assets::with_demo_shop;
+pub use config::{ApiConfig, IngestConfig, SourceConfig};
 pub use error::{ApiResult, HttpError};
 use kairos_types::Code;
 
@@ -127,6 +136,10 @@ pub struct AppState {
     pub recommend: RecommendConfig,
     pub registry: Arc<Registry>,
     pub metrics: ApiMetrics,
+    /// Write keys and allowed origins, from `ingest.sources`.
+    pub access: access::Access,
+    /// What reads must wait for (read-your-writes per person).
+    pub pending: pending::PendingWrites,
     /// False until the processor has replayed the log after start, and again during shutdown.
     pub ready: AtomicBool,
     rec_counter: AtomicU64,
@@ -144,6 +157,7 @@ impl AppState {
         registry: Arc<Registry>,
     ) -> Arc<AppState> {
         let metrics = ApiMetrics::new(&registry);
+        let access = access::Access::new(&ingest);
         let rec_prefix = kairos_types::stable_hash64(&[
             &std::process::id().to_le_bytes(),
             &kairos_types::time::now_ms().to_le_bytes(),
@@ -157,6 +171,8 @@ impl AppState {
             recommend,
             registry,
             metrics,
+            access,
+            pending: pending::PendingWrites::default(),
             ready: AtomicBool::new(false),
             rec_counter: AtomicU64::new(0),
             rec_prefix,
@@ -175,7 +191,25 @@ impl AppState {
 
     /// Read-your-writes: wait until the state reflects everything acknowledged so far.
     pub async fn wait_applied(&self) {
-        let target = self.log.committed_seq();
+        self.wait_for(self.log.committed_seq()).await;
+    }
+
+    /// Read-your-writes for a read that names a person (`ids`: the user id and/or anonymous id
+    /// it gives): wait until the state reflects that person's acknowledged events and every
+    /// catalogue change (see [`pending`]), then, briefly, for everything else acknowledged before
+    /// the read.
+    pub async fn wait_applied_for(&self, ids: &[&str]) {
+        if ids.is_empty() {
+            return self.wait_applied().await;
+        }
+        let everything = self.log.committed_seq();
+        self.wait_for(self.pending.target(ids.iter().copied()))
+            .await;
+        let others = Duration::from_millis(self.api.read_others_writes_timeout_ms);
+        self.watermark.wait_for(everything, others).await;
+    }
+
+    async fn wait_for(&self, target: u64) {
         let timeout = Duration::from_millis(self.api.read_your_writes_timeout_ms);
         if !self.watermark.wait_for(target, timeout).await {
             tracing::warn!(
@@ -187,15 +221,16 @@ impl AppState {
     }
 }
 
-/// The full router.
+/// The full router (the demo shop is added by [`with_demo_shop`]).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/batch", post(ingest::batch))
+        .route("/v1/validate", post(ingest::validate))
         .route("/v1/track", post(ingest::track))
         .route("/v1/page", post(ingest::page))
         .route("/v1/identify", post(ingest::identify))
         .route("/v1/alias", post(ingest::alias))
-        .route("/v1/items", put(items::upsert))
+        .route("/v1/items", put(items::upsert).get(catalog::list))
         .route(
             "/v1/items/{id}",
             get(items::get_item).delete(items::delete_item),
@@ -205,8 +240,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(assets::sdk_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::cors,
+        ))
         .with_state(state)
 }
 

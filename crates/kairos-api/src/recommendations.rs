@@ -164,7 +164,11 @@ pub(crate) async fn recommend(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let req = parse_request(&params, app.recommend.default_k, app.recommend.max_k)?;
-    app.wait_applied().await;
+    let ids: Vec<&str> = [req.user_id.as_deref(), req.anonymous_id.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    app.wait_applied_for(&ids).await;
     let started = Instant::now();
     let body = {
         let state = app.store.read();
@@ -200,7 +204,11 @@ pub(crate) async fn profile(
             "give `user_id` or `anonymous_id`",
         ));
     }
-    app.wait_applied().await;
+    let ids: Vec<&str> = [user_id.as_deref(), anonymous_id.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    app.wait_applied_for(&ids).await;
     let state = app.store.read();
     let key = state.resolve_key(user_id.as_deref(), anonymous_id.as_deref());
     let profile = state.profile(user_id.as_deref(), anonymous_id.as_deref());

@@ -378,7 +378,7 @@ impl Writer {
                     Ok(offset) => {
                         self.next_seq += 1;
                         self.dedup
-                            .record_appended(record.dedup_id, record.timestamp_ms, seq);
+                            .record_appended(record.dedup_id, record.timestamp_ms);
                         outcomes.push(AppendOutcome::Appended {
                             partition,
                             offset,

@@ -7,8 +7,10 @@
 //! which the API waits on for read-your-writes.
 //!
 //! Checkpoints live inside the state (the next offset per partition), so a snapshot and its
-//! checkpoint can never disagree. Snapshots are taken every `snapshot_interval_secs` and on
-//! shutdown; after each one the log may drop segments the snapshot covers (retention).
+//! checkpoint can never disagree. Snapshots are taken every `snapshot_interval_secs` (or
+//! `snapshot_every_entries`) in the background ([`StateStore::begin_snapshot`]), so that applying
+//! never stops for one, and synchronously on shutdown; after each one the log may drop segments
+//! the snapshot covers (retention).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use kairos_log::{EventLog, Record};
-use kairos_state::{LogPosition, StateStore};
+use kairos_state::{LogPosition, SnapshotInfo, SnapshotJob, StateStore};
 use kairos_types::metrics::{Counter, Histogram, Registry};
 use kairos_types::LogEntry;
 
@@ -129,6 +131,9 @@ impl ProcessorMetrics {
     }
 }
 
+/// Entries applied per acquisition of the state's write lock (about 100-200 µs of work).
+const APPLY_CHUNK: usize = 64;
+
 /// Reads the log in global order and applies it to the state.
 pub struct Processor {
     log: Arc<dyn EventLog>,
@@ -139,6 +144,12 @@ pub struct Processor {
     offsets: Vec<u64>,
     since_snapshot: u64,
     last_snapshot: Instant,
+    /// Buffers of `step`, reused so that a busy processor does not allocate (and glibc does not
+    /// consolidate) a megabyte of batch per round.
+    records: Vec<Record>,
+    entries: Vec<(LogPosition, LogEntry)>,
+    /// The snapshot being written in the background, and when it was started.
+    snapshot_job: Option<(SnapshotJob, Instant)>,
 }
 
 impl Processor {
@@ -172,6 +183,9 @@ impl Processor {
             offsets,
             since_snapshot: 0,
             last_snapshot: Instant::now(),
+            records: Vec::new(),
+            entries: Vec::new(),
+            snapshot_job: None,
         }
     }
 
@@ -190,7 +204,10 @@ impl Processor {
     /// One round: reads what is committed, applies it in sequence order. Returns entries applied.
     pub fn step(&mut self) -> Result<u64, String> {
         let committed = self.log.committed_seq();
-        let mut records: Vec<Record> = Vec::new();
+        let mut records = std::mem::take(&mut self.records);
+        let mut entries = std::mem::take(&mut self.entries);
+        records.clear();
+        entries.clear();
         // Records beyond `limit` may be preceded by unread records of a partition whose read was
         // cut at max_batch; they wait for the next round so the global order holds.
         let mut limit = committed;
@@ -208,10 +225,11 @@ impl Processor {
         }
         records.retain(|r| r.seq <= limit);
         if records.is_empty() {
+            self.records = records;
+            self.entries = entries;
             return Ok(0);
         }
         records.sort_unstable_by_key(|r| r.seq);
-        let mut entries = Vec::with_capacity(records.len());
         for r in &records {
             let pos = LogPosition {
                 partition: r.partition,
@@ -226,7 +244,15 @@ impl Processor {
                 }
             }
         }
-        let report = self.store.apply(&entries);
+        // Apply in chunks: each takes the state's write lock once, so reads wait at most one
+        // chunk, and the watermark advances chunk by chunk for the reads waiting on it.
+        let mut applied = 0;
+        for chunk in entries.chunks(APPLY_CHUNK) {
+            applied += self.store.apply(chunk).applied;
+            if let Some((pos, _)) = chunk.last() {
+                self.watermark.publish(pos.seq);
+            }
+        }
         let now = kairos_types::time::now_ms();
         for (_, entry) in &entries {
             if let LogEntry::Event(e) = entry {
@@ -239,20 +265,59 @@ impl Processor {
             self.offsets[r.partition as usize] = r.offset + 1;
         }
         let last_seq = records.last().map_or(0, |r| r.seq);
-        self.metrics.entries_applied.add(report.applied as u64);
-        self.since_snapshot += report.applied as u64;
+        let read = records.len() as u64;
+        self.metrics.entries_applied.add(applied as u64);
+        self.since_snapshot += applied as u64;
         self.watermark.publish(last_seq);
-        Ok(records.len() as u64)
+        records.clear();
+        entries.clear();
+        self.records = records;
+        self.entries = entries;
+        Ok(read)
     }
 
     /// Writes a snapshot and lets the log drop what it covers.
     pub fn snapshot(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        let info = self.store.snapshot().map_err(|e| e.to_string())?;
-        self.metrics.snapshots.inc();
-        self.metrics.snapshot_duration.observe(started.elapsed());
         self.since_snapshot = 0;
         self.last_snapshot = Instant::now();
+        let info = self.store.snapshot().map_err(|e| e.to_string())?;
+        self.snapshot_written(info, started);
+        Ok(())
+    }
+
+    /// Starts a background snapshot (see [`StateStore::begin_snapshot`]).
+    fn begin_snapshot(&mut self) {
+        let started = Instant::now();
+        self.since_snapshot = 0;
+        self.last_snapshot = Instant::now();
+        match self.store.begin_snapshot() {
+            Ok(job) => self.snapshot_job = Some((job, started)),
+            Err(e) => tracing::error!(error = %e, "snapshot failed"),
+        }
+    }
+
+    /// Completes the background snapshot if it is done (or, with `block`, once it is).
+    fn finish_snapshot(&mut self, block: bool) {
+        let Some((mut job, started)) = self.snapshot_job.take() else {
+            return;
+        };
+        let result = if block {
+            Some(job.wait())
+        } else {
+            job.poll()
+        };
+        match result {
+            None => self.snapshot_job = Some((job, started)),
+            Some(Ok(info)) => self.snapshot_written(info, started),
+            Some(Err(e)) => tracing::error!(error = %e, "snapshot failed"),
+        }
+    }
+
+    /// Records a written snapshot and lets the log drop the segments it covers.
+    fn snapshot_written(&mut self, info: SnapshotInfo, started: Instant) {
+        self.metrics.snapshots.inc();
+        self.metrics.snapshot_duration.observe(started.elapsed());
         tracing::info!(
             seq = info.checkpoint.seq,
             bytes = info.bytes,
@@ -263,11 +328,10 @@ impl Processor {
             Ok(report) => tracing::debug!(?report, "retention enforced"),
             Err(e) => tracing::warn!(error = %e, "retention failed"),
         }
-        Ok(())
     }
 
     fn snapshot_due(&self) -> bool {
-        if self.since_snapshot == 0 {
+        if self.since_snapshot == 0 || self.snapshot_job.is_some() {
             return false;
         }
         let by_time = self.config.snapshot_interval_secs > 0
@@ -282,16 +346,16 @@ impl Processor {
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), String> {
         while !stop.load(Ordering::Acquire) {
             let applied = self.step()?;
+            self.finish_snapshot(false);
             if self.snapshot_due() {
-                if let Err(e) = self.snapshot() {
-                    tracing::error!(error = %e, "snapshot failed");
-                }
+                self.begin_snapshot();
             }
             if applied == 0 {
                 self.log
                     .wait_committed(self.watermark.get(), Duration::from_millis(50));
             }
         }
+        self.finish_snapshot(true);
         self.catch_up()?;
         if self.since_snapshot > 0 {
             self.snapshot()?;

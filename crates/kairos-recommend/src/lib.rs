@@ -7,8 +7,9 @@
 //! why a list looks the way it does.
 //!
 //! - `for_you`: the session model on the current session (what people who browsed like this went
-//!   on to), co-visitation neighbours of older history, both boosted by the profile's category and
-//!   brand affinities.
+//!   on to), co-visitation neighbours of older history, and popular items of the categories the
+//!   profile favours more than the population does; every candidate is scaled by that lift of its
+//!   category or brand.
 //! - `similar`: co-visitation neighbours of `item_id`, then the session model seeded with it.
 //! - `bought_together`: cart and purchase co-occurrence of `item_id`, then `similar`.
 //! - `trending`: hourly windowed counts, globally or within `category`.
@@ -22,8 +23,9 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use kairos_state::items::ItemData;
 use kairos_state::profile::Profile;
-use kairos_state::state::CachedList;
+use kairos_state::state::{AttributeStats, CachedList};
 use kairos_state::State;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,10 +37,16 @@ pub struct RecommendConfig {
     pub history_weight: f32,
     /// How many older distinct items of the profile seed history neighbours.
     pub history_items: usize,
-    /// Multiplier strength of category/brand affinity: score × (1 + boost × affinity share).
+    /// Strength of category/brand affinity: every candidate's score × lift^affinity_boost, the
+    /// lift being how much more than the population the user goes for the item's category or
+    /// brand (0 turns the boost off).
     pub affinity_boost: f32,
-    /// Weight of popular items of the user's favourite categories (a candidate source for users
-    /// with history but no session).
+    /// Pseudo-weight (in event-weight units: a view is 1) of the population's category shares in
+    /// a profile's estimated shares, so that a few events do not make extreme preferences.
+    pub affinity_prior_weight: f32,
+    /// Weight of popular items of the categories the user prefers more than the population does
+    /// (a candidate source that matters most when sessions and relations know little), scaled by
+    /// that excess share.
     pub affinity_candidates_weight: f32,
     /// Length of the cached trending/popular lists used for fallbacks.
     pub fallback_list_len: usize,
@@ -53,7 +61,8 @@ impl Default for RecommendConfig {
             max_k: 100,
             history_weight: 0.5,
             history_items: 10,
-            affinity_boost: 0.3,
+            affinity_boost: 1.0,
+            affinity_prior_weight: 5.0,
             affinity_candidates_weight: 0.2,
             fallback_list_len: 500,
             max_per_category: 0,
@@ -462,45 +471,121 @@ fn for_you(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Candid
         };
         cands.add_normalized("covisitation", &list, weight);
     }
-    // Affinities: boost candidates of favourite categories/brands, and add popular items of the
-    // favourite categories as candidates.
+    affinities(state, p, cfg, cands);
+}
+
+/// A profile's preference for categories (or brands) relative to everyone's.
+///
+/// With `w_c` the profile's decayed weight on `c`, `W` its total, `P(c)` the population's share of
+/// interaction mass on `c` and `m` = `affinity_prior_weight`, the profile's share is estimated as
+/// `p_u(c) = (w_c + m·P(c)) / (W + m)`: a profile with little evidence looks like the population.
+/// `lift(c) = p_u(c) / P(c)` says how much more (or less) than everyone the user goes for `c`, and
+/// `excess(c) = max(0, p_u(c) - P(c))` is the share of attention popularity alone does not explain.
+struct Preference<'a> {
+    weights: &'a [(u32, f32)],
+    total: f32,
+    /// The population's mass by key, and its total.
+    mass: &'a [f32],
+    mass_total: f32,
+    prior: f32,
+}
+
+impl<'a> Preference<'a> {
+    fn new(weights: &'a [(u32, f32)], mass: &'a [f32], mass_total: f32, prior: f32) -> Self {
+        Preference {
+            weights,
+            total: weights.iter().map(|e| e.1).sum(),
+            mass,
+            mass_total,
+            prior,
+        }
+    }
+
+    fn population(&self, key: u32) -> f32 {
+        let m = self.mass.get(key as usize).copied().unwrap_or(0.0);
+        if self.mass_total > 0.0 {
+            m / self.mass_total
+        } else {
+            0.0
+        }
+    }
+
+    fn share(&self, key: u32, population: f32) -> f32 {
+        let w = self
+            .weights
+            .iter()
+            .find(|e| e.0 == key)
+            .map_or(0.0, |e| e.1);
+        let denominator = self.total + self.prior;
+        if denominator > 0.0 {
+            (w + self.prior * population) / denominator
+        } else {
+            population
+        }
+    }
+
+    /// `None` when nobody's recent interactions touched `key` (no baseline to compare with).
+    fn lift(&self, key: u32) -> Option<f32> {
+        let population = self.population(key);
+        (population > 0.0).then(|| self.share(key, population) / population)
+    }
+
+    fn excess(&self, key: u32) -> f32 {
+        let population = self.population(key);
+        (self.share(key, population) - population).max(0.0)
+    }
+}
+
+/// Affinities: popular items of the categories the user prefers more than the population does
+/// become candidates, and every candidate is scaled by the user's lift for its category or brand
+/// (`score × lift^affinity_boost`, the stronger of the two).
+///
+/// Comparing with the population is what makes affinities personal: on a site where everyone
+/// mostly buys from the same big categories, "the user likes Drama" says nothing that popularity
+/// does not already say, while a share well above everyone's is real information. Without the
+/// comparison the boost favours broad categories for everyone and the candidates duplicate the
+/// popular fallback.
+fn affinities(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Candidates) {
     let ah = state.config.affinity_half_life_ms();
     let cats: Vec<(u32, f32)> = p.categories.decayed(state.clock, ah).collect();
     let brands: Vec<(u32, f32)> = p.brands.decayed(state.clock, ah).collect();
-    let cat_total: f32 = cats.iter().map(|c| c.1).sum();
-    let brand_total: f32 = brands.iter().map(|c| c.1).sum();
-    if cat_total <= 0.0 && brand_total <= 0.0 {
+    if cats.is_empty() && brands.is_empty() {
         return;
     }
-    let share = |list: &[(u32, f32)], total: f32, key: u32| -> f32 {
-        if total <= 0.0 {
-            return 0.0;
+    let stats = attribute_stats(state);
+    let prior = cfg.affinity_prior_weight;
+    let cat_pref = Preference::new(&cats, &stats.category_mass, stats.category_total, prior);
+    let brand_pref = Preference::new(&brands, &stats.brand_mass, stats.brand_total, prior);
+
+    if cfg.affinity_candidates_weight > 0.0 {
+        let mut excess: Vec<(u32, f32)> = cats
+            .iter()
+            .map(|&(c, _)| (c, cat_pref.excess(c)))
+            .filter(|e| e.1 > 0.0)
+            .collect();
+        excess.sort_unstable_by(by_score_then_index);
+        for &(c, x) in excess.iter().take(AFFINITY_CATEGORIES) {
+            if let Some(top) = stats.category_top.get(c as usize) {
+                cands.add_normalized("affinity", top, cfg.affinity_candidates_weight * x);
+            }
         }
-        list.iter()
-            .find(|c| c.0 == key)
-            .map_or(0.0, |c| c.1 / total)
-    };
-    let mut top_cats = cats.clone();
-    top_cats.sort_unstable_by(by_score_then_index);
-    for &(c, s) in top_cats.iter().take(3) {
-        let list = ranked_list(state, Some(c), ListKind::Popular, cfg);
-        let weight = cfg.affinity_candidates_weight * s / cat_total;
-        let head: Vec<_> = list.into_iter().take(50).collect();
-        cands.add_normalized("affinity", &head, weight);
     }
     if cfg.affinity_boost > 0.0 {
         let mut boosted = false;
         for (&item, score) in cands.scores.iter_mut() {
             let data = state.item(item);
-            let c = data
+            let lift = data
                 .categories
                 .iter()
-                .map(|&c| share(&cats, cat_total, c))
-                .fold(0.0, f32::max);
-            let b = data.brand.map_or(0.0, |b| share(&brands, brand_total, b));
-            let a = c.max(b);
-            if a > 0.0 {
-                *score *= 1.0 + cfg.affinity_boost * a;
+                .filter_map(|&c| cat_pref.lift(c))
+                .chain(data.brand.and_then(|b| brand_pref.lift(b)))
+                .reduce(f32::max);
+            if let Some(lift) = lift {
+                *score *= if cfg.affinity_boost == 1.0 {
+                    lift
+                } else {
+                    lift.powf(cfg.affinity_boost)
+                };
                 boosted = true;
             }
         }
@@ -508,6 +593,64 @@ fn for_you(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Candid
             cands.strategies.push("affinity");
         }
     }
+}
+
+/// Favourite categories whose popular items become candidates.
+const AFFINITY_CATEGORIES: usize = 3;
+/// Popular items taken from each of them.
+const AFFINITY_CANDIDATES: usize = 50;
+
+/// The population's aggregates per category and brand (see [`AttributeStats`]), from one pass
+/// over the items: each item's popularity adds to the mass of its categories and brand, and
+/// competes for its categories' top lists. Cached and refreshed like the ranked lists.
+fn attribute_stats(state: &State) -> std::sync::Arc<AttributeStats> {
+    let refresh_ms = i64::try_from(state.config.trending_refresh_ms).unwrap_or(i64::MAX);
+    let seq = state.counters.entries_applied;
+    let cache = &state.caches.attributes;
+    if let Some(stats) = cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if stats.seq == seq || state.clock.saturating_sub(stats.clock) < refresh_ms {
+            return stats.clone();
+        }
+    }
+    let mut stats = AttributeStats {
+        clock: state.clock,
+        seq,
+        category_mass: vec![0.0; state.categories.len()],
+        brand_mass: vec![0.0; state.brands.len()],
+        category_top: vec![Vec::new(); state.categories.len()],
+        ..AttributeStats::default()
+    };
+    for (i, d) in state.item_data.iter().enumerate() {
+        if !d.recommendable() {
+            continue;
+        }
+        let score = popularity_score(state, d);
+        if score <= 0.0 {
+            continue;
+        }
+        for (j, &c) in d.categories.iter().enumerate() {
+            if d.categories[..j].contains(&c) {
+                continue;
+            }
+            stats.category_mass[c as usize] += score;
+            stats.category_total += score;
+            stats.category_top[c as usize].push((i as u32, score));
+        }
+        if let Some(b) = d.brand {
+            stats.brand_mass[b as usize] += score;
+            stats.brand_total += score;
+        }
+    }
+    for top in &mut stats.category_top {
+        if top.len() > AFFINITY_CANDIDATES {
+            top.select_nth_unstable_by(AFFINITY_CANDIDATES - 1, by_score_then_index);
+            top.truncate(AFFINITY_CANDIDATES);
+        }
+        top.sort_unstable_by(by_score_then_index);
+    }
+    let stats = std::sync::Arc::new(stats);
+    *cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone());
+    stats
 }
 
 fn similar(state: &State, item: u32, cands: &mut Candidates) {
@@ -529,6 +672,18 @@ fn similar(state: &State, item: u32, cands: &mut Candidates) {
 enum ListKind {
     Trending,
     Popular,
+}
+
+/// An item's score in popular lists: its decayed popularity. A catalogue item nobody interacted
+/// with yet still ranks, after every item with behaviour (in first-seen order), so a brand-new
+/// shop serves its catalogue.
+fn popularity_score(state: &State, d: &ItemData) -> f32 {
+    d.stats.popularity_at(state.clock, &state.config)
+        + if d.catalog.is_some() {
+            f32::MIN_POSITIVE
+        } else {
+            0.0
+        }
 }
 
 /// The cached trending or popular list, globally or within one category.
@@ -556,44 +711,128 @@ fn ranked_list(
         }
     }
     state.caches.misses.fetch_add(1, AtomicOrdering::Relaxed);
-    let mut list: Vec<(u32, f32)> = state
-        .item_data
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| d.recommendable())
-        .filter(|(_, d)| category.is_none_or(|c| d.categories.contains(&c)))
-        .map(|(i, d)| {
-            let s = match kind {
-                ListKind::Trending => d.stats.trending(state.clock, &state.config),
-                // A catalogue item nobody interacted with yet still ranks, after every item with
-                // behaviour (in first-seen order), so a brand-new shop serves its catalogue.
-                ListKind::Popular => {
-                    d.stats.popularity_at(state.clock, &state.config)
-                        + if d.catalog.is_some() {
-                            f32::MIN_POSITIVE
-                        } else {
-                            0.0
-                        }
-                }
-            };
-            (i as u32, s)
-        })
-        .filter(|e| e.1 > 0.0)
-        .collect();
-    let n = cfg.fallback_list_len.min(list.len());
-    if n > 0 && n < list.len() {
-        list.select_nth_unstable_by(n - 1, by_score_then_index);
-        list.truncate(n);
-    }
-    list.sort_unstable_by(by_score_then_index);
+    let mut wanted = Vec::new();
     let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
-    guard.insert(
-        category,
-        CachedList {
+    for (key, items) in all_ranked_lists(state, kind, cfg) {
+        if key == category {
+            wanted.clone_from(&items);
+        }
+        let list = CachedList {
             clock: state.clock,
             seq,
-            items: list.clone(),
-        },
-    );
-    list
+            items,
+        };
+        guard.insert(key, list);
+    }
+    wanted
+}
+
+/// Every list of one kind at once, the global one and one per category, in a single pass over
+/// the catalogue. A stale per-category list used to be recomputed on its own, each a pass over
+/// every item: with a thousand categories asked for in turn (the fallback of `similar` is the
+/// item's category) that was hundreds of catalogue scans a second under the state's read lock,
+/// which the processor's writes queue behind, and every read behind them.
+fn all_ranked_lists(
+    state: &State,
+    kind: ListKind,
+    cfg: &RecommendConfig,
+) -> Vec<(Option<u32>, Vec<(u32, f32)>)> {
+    let factors = match kind {
+        ListKind::Trending => kairos_state::items::trending_factors(&state.config),
+        ListKind::Popular => Vec::new(),
+    };
+    let mut global = Vec::new();
+    let mut per_category: Vec<Vec<(u32, f32)>> = vec![Vec::new(); state.categories.len()];
+    for (i, d) in state.item_data.iter().enumerate() {
+        if !d.recommendable() {
+            continue;
+        }
+        let s = match kind {
+            ListKind::Trending => d.stats.trending_with(state.clock, &factors, &state.config),
+            ListKind::Popular => popularity_score(state, d),
+        };
+        if !(s > 0.0) {
+            continue;
+        }
+        global.push((i as u32, s));
+        for (n, &c) in d.categories.iter().enumerate() {
+            if !d.categories[..n].contains(&c) {
+                if let Some(list) = per_category.get_mut(c as usize) {
+                    list.push((i as u32, s));
+                }
+            }
+        }
+    }
+    let top = |mut list: Vec<(u32, f32)>| {
+        let n = cfg.fallback_list_len.min(list.len());
+        if n > 0 && n < list.len() {
+            list.select_nth_unstable_by(n - 1, by_score_then_index);
+            list.truncate(n);
+        }
+        list.sort_unstable_by(by_score_then_index);
+        list
+    };
+    let mut lists = Vec::with_capacity(per_category.len() + 1);
+    lists.push((None, top(global)));
+    for (c, list) in per_category.into_iter().enumerate() {
+        lists.push((Some(c as u32), top(list)));
+    }
+    lists
+}
+
+#[cfg(test)]
+mod affinity_tests {
+    use super::*;
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() < 1e-5
+    }
+
+    /// Population shares 0.25, 0.25, 0.5 over categories 0, 1, 2; category 3 never interacted.
+    const MASS: [f32; 4] = [50.0, 50.0, 100.0, 0.0];
+    const MASS_TOTAL: f32 = 200.0;
+
+    #[test]
+    fn lift_compares_smoothed_share_with_population() {
+        let weights = [(0, 8.0), (1, 2.0)];
+        let p = Preference::new(&weights, &MASS, MASS_TOTAL, 5.0);
+        // p_u(0) = (8 + 5 * 0.25) / (10 + 5) = 0.61667: 2.4667 times the population's 0.25.
+        assert!(close(p.lift(0).unwrap(), 9.25 / 15.0 / 0.25));
+        assert!(close(p.excess(0), 9.25 / 15.0 - 0.25));
+        // p_u(1) = 3.25 / 15 is below the population's share: a lift under 1, no excess.
+        assert!(close(p.lift(1).unwrap(), 3.25 / 15.0 / 0.25));
+        assert_eq!(p.excess(1), 0.0);
+        // Never touched by the user: only the prior's share, 2.5 / 15 against 0.5.
+        assert!(close(p.lift(2).unwrap(), 1.0 / 3.0));
+        // Nobody interacted with category 3 (or it is unknown): no baseline, no lift.
+        assert_eq!(p.lift(3), None);
+        assert_eq!(p.lift(9), None);
+        assert_eq!(p.excess(3), 0.0);
+    }
+
+    #[test]
+    fn without_evidence_a_profile_looks_like_the_population() {
+        let p = Preference::new(&[], &MASS, MASS_TOTAL, 5.0);
+        for c in 0..3 {
+            assert!(close(p.lift(c).unwrap(), 1.0));
+            assert_eq!(p.excess(c), 0.0);
+        }
+        // No prior and no evidence: still the population share, never a division by zero.
+        let p = Preference { prior: 0.0, ..p };
+        assert!(close(p.lift(2).unwrap(), 1.0));
+    }
+
+    #[test]
+    fn more_evidence_moves_the_estimate_towards_the_profile() {
+        let lift = |w: f32| {
+            let weights = [(0, w)];
+            Preference::new(&weights, &MASS, MASS_TOTAL, 5.0)
+                .lift(0)
+                .unwrap()
+        };
+        // All of the profile's weight on a category with a quarter of the population's: the lift
+        // grows towards 4 as evidence accumulates.
+        assert!(close(lift(1.0), (1.0 + 1.25) / 6.0 / 0.25));
+        assert!(lift(1.0) < lift(5.0) && lift(5.0) < lift(100.0) && lift(100.0) < 4.0);
+    }
 }

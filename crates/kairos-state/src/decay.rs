@@ -9,9 +9,13 @@
 use serde::{Deserialize, Serialize};
 
 /// `2^(-dt/half_life)`, with `dt` clamped at 0 (an event from the future counts fully).
+///
+/// Below `half_life · 2^-25` the exact factor is within half an ulp of 1 and rounds to exactly
+/// `1.0_f32`, so the exponential is skipped there: a busy item's lists are rebased on almost every
+/// event, milliseconds apart, and this keeps those rebases free without changing any result.
 #[inline]
 pub fn decay_factor(dt_ms: i64, half_life_ms: i64) -> f32 {
-    if dt_ms <= 0 || half_life_ms <= 0 {
+    if dt_ms <= 0 || half_life_ms <= 0 || (dt_ms as i128) << 25 < half_life_ms as i128 {
         return 1.0;
     }
     (-(dt_ms as f64) / half_life_ms as f64).exp2() as f32
@@ -118,6 +122,15 @@ impl TopList {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tiny_intervals_decay_by_exactly_one() {
+        let h = 30 * 24 * 3_600_000i64;
+        for dt in [1, 10, 77, (h >> 25) - 1, h >> 25, (h >> 25) + 1, h >> 24, h / 7, h] {
+            let exact = (-(dt as f64) / h as f64).exp2() as f32;
+            assert_eq!(super::decay_factor(dt, h), exact, "dt {dt}");
+        }
+    }
+
     use super::*;
 
     const H: i64 = 1000;

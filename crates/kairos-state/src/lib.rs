@@ -20,4 +20,6 @@ pub mod store;
 
 pub use config::{EventWeights, StateConfig};
 pub use state::{anonymous_key, user_key, Applied, Checkpoint, LogPosition, State, StateMemory};
-pub use store::{ApplyReport, EmbeddedStore, SnapshotInfo, StateError, StateStats, StateStore};
+pub use store::{
+    ApplyReport, EmbeddedStore, SnapshotInfo, SnapshotJob, StateError, StateStats, StateStore,
+};

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::StateConfig;
@@ -84,7 +85,7 @@ pub struct Profile {
 
 impl Profile {
     /// Items of the current session, oldest first (repeats kept).
-    pub fn session_items(&self) -> impl Iterator<Item = &Interaction> + '_ {
+    pub fn session_items(&self) -> impl DoubleEndedIterator<Item = &Interaction> + '_ {
         let no = self.session_no;
         let start = self
             .recent
@@ -221,6 +222,151 @@ impl Profile {
             + self.categories.heap_bytes()
             + self.brands.heap_bytes()
             + self.session_id.as_ref().map_or(0, |s| s.len())
+    }
+}
+
+/// All profiles, by profile key (`u:<userId>` or `a:<anonymousId>`).
+///
+/// A map with the API of a `HashMap<str, Profile>`, but laid out for memory: the profiles live in
+/// one dense vector and the hash table holds only the key and a 4-byte slot. A `Profile` is about
+/// 300 bytes; stored inline in a hash table that doubles as it grows (and runs at a load factor
+/// between 44% and 87%) it cost up to twice that per user, which is most of the per-user budget.
+/// Removed profiles (merged into a known user) leave a free slot for the next new profile.
+#[derive(Clone, Debug, Default)]
+pub struct Profiles {
+    index: FxHashMap<Box<str>, u32>,
+    slots: Vec<Profile>,
+    free: Vec<u32>,
+}
+
+impl Profiles {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Profile> {
+        self.index.get(key).map(|&i| &self.slots[i as usize])
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Profile> {
+        self.index.get(key).map(|&i| &mut self.slots[i as usize])
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// The profile of `key`, created empty if there is none (the key is copied only then).
+    pub fn get_or_insert(&mut self, key: &str) -> &mut Profile {
+        let slot = match self.index.get(key) {
+            Some(&i) => i,
+            None => {
+                let i = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.slots.push(Profile::default());
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.index.insert(key.into(), i);
+                i
+            }
+        };
+        &mut self.slots[slot as usize]
+    }
+
+    /// Removes and returns the profile of `key`.
+    pub fn remove(&mut self, key: &str) -> Option<Profile> {
+        let i = self.index.remove(key)?;
+        self.free.push(i);
+        Some(std::mem::take(&mut self.slots[i as usize]))
+    }
+
+    /// Profiles with their keys (in no particular order).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Profile)> + '_ {
+        self.index
+            .iter()
+            .map(|(k, &i)| (k.as_ref(), &self.slots[i as usize]))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.index.keys().map(AsRef::as_ref)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Profile> + '_ {
+        self.index.values().map(|&i| &self.slots[i as usize])
+    }
+
+    /// Approximate heap bytes: the table (key pointer, slot, control byte per bucket), the keys,
+    /// the slots and every profile's own heap.
+    pub fn heap_bytes(&self) -> usize {
+        let table = self.index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1);
+        let keys: usize = self.index.keys().map(|k| k.len()).sum();
+        let slots = self.slots.capacity() * std::mem::size_of::<Profile>() + self.free.capacity() * 4;
+        let heap: usize = self.values().map(Profile::heap_bytes).sum();
+        table + keys + slots + heap
+    }
+}
+
+impl std::ops::Index<&str> for Profiles {
+    type Output = Profile;
+
+    fn index(&self, key: &str) -> &Profile {
+        self.get(key).expect("no profile for this key")
+    }
+}
+
+impl<'a> IntoIterator for &'a Profiles {
+    type Item = (&'a str, &'a Profile);
+    type IntoIter = Box<dyn Iterator<Item = (&'a str, &'a Profile)> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+/// Two sets of profiles are equal when they hold the same profile under every key (slot order
+/// and free slots do not matter).
+impl PartialEq for Profiles {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(k, p)| other.get(k) == Some(p))
+    }
+}
+
+/// Serialized as a map from key to profile (slots are an in-memory detail).
+impl Serialize for Profiles {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Profiles {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Profiles;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of profiles")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Profiles, A::Error> {
+                let mut profiles = Profiles::default();
+                if let Some(n) = map.size_hint() {
+                    profiles.index.reserve(n);
+                    profiles.slots.reserve_exact(n);
+                }
+                while let Some((key, profile)) = map.next_entry::<Box<str>, Profile>()? {
+                    *profiles.get_or_insert(&key) = profile;
+                }
+                Ok(profiles)
+            }
+        }
+        d.deserialize_map(Visitor)
     }
 }
 

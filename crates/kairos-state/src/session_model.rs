@@ -64,27 +64,30 @@
 //! caller's catalogue):
 //!
 //! * sessions: at most `S` retained (a FIFO ring by first-seen order; the oldest is evicted), each
-//!   `≤ 72 + 8·L` bytes (item + event weight per click), plus the key → session map
-//!   (`≈ 17–34·S` bytes);
-//! * per item: a posting list of `≤ P` session ids (8 bytes each, 32-byte header; ids of evicted
-//!   sessions are removed on eviction), a document frequency (4 bytes) and a rule map of
-//!   `≤ 1.25·R` entries (9 bytes each plus hash-table slack, `≤ 18` bytes);
-//! * total `O(S·L + I·(P + R))`: `≤ S·(106 + 8L) + I·(68 + 8P + 23R)` bytes, i.e. ≈ 0.5 GB for
-//!   the defaults at one million sessions before any item term; in practice far less (full
-//!   DIGINETICA: 187k sessions, 43k items → ≈ 63 MB). [`SessionModel::heap_bytes`] reports the
-//!   live figure.
+//!   a 48-byte record plus 8 bytes per click (item + event weight, one allocation, `≤ L` clicks),
+//!   plus the key → session map (`≈ 17–34·S` bytes);
+//! * per item: a posting list of `≤ P` session slots (4 bytes each, 32-byte header; a session
+//!   leaves every list it is in when it is evicted), a document frequency and its logarithm
+//!   (8 bytes) and `≤ 1.25·R` rules (8 bytes each, 24-byte header);
+//! * total `≤ S·(82 + 8L) + I·(64 + 4P + 10R)` bytes. With the defaults (`P` = 100, `R` = 64) one
+//!   item's share is at most ≈ 1.1 KiB, which keeps an item with its relations and catalogue entry
+//!   inside the 4 KiB per item budget (`BENCHMARKS.md`); the larger bounds the model started with
+//!   (1000 and 500) cost up to 17 KiB per popular item and changed HR@20 / MRR@20 on DIGINETICA by
+//!   less than 0.001. [`SessionModel::heap_bytes`] reports the live figure.
 //!
 //! # Complexity
 //!
-//! * `observe`: `O(sr_steps)` rule updates + `O(1)` amortised index updates (`O(L)` when the item
-//!   repeats in the session, `O(L·P)` worst case on eviction of a session).
-//! * `score`: `O(n + Σ_{i ∈ s} P)` to gather candidates, `O(C)` selection of the sample,
-//!   `O(sample_size · L)` similarities, `O(k · L)` item scores, `O(sr_history · R)` rules.
-//!   With the defaults this is typically 20–150 µs.
+//! * `observe`: `O(sr_steps · R)` rule updates + `O(1)` amortised index updates (`O(L)` when the
+//!   item repeats in the session, `O(L·P)` worst case on eviction of a session).
+//! * `score`: `O(n + Σ_{i ∈ s} P)` posting entries accumulated straight into per-session
+//!   similarities (no session record is read for that), one record read per candidate for its
+//!   recency, `O(C)` selection of the sample and of the `k` neighbours, `O(k · L)` item scores and
+//!   `O(sr_history · R)` rules, on per-thread dense scratch arrays (no allocation, no hashing of
+//!   items). With the defaults this is typically 10–60 µs.
 
 use std::collections::VecDeque;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// Item index: items are interned to dense u32 by the caller (first-seen order).
@@ -151,8 +154,8 @@ impl Default for SessionModelConfig {
         Self {
             max_sessions: 1_000_000,
             max_items_per_session: 50,
-            max_sessions_per_item: 1000,
-            max_rules_per_item: 500,
+            max_sessions_per_item: 100,
+            max_rules_per_item: 64,
             sample_size: 1000,
             k: 200,
             pos_decay: 4.0,
@@ -227,6 +230,9 @@ impl SessionModelConfig {
     }
 }
 
+/// One click of a retained session: the item and its event weight.
+type Click = (ItemIdx, f32);
+
 /// One retained session.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct SessionRec {
@@ -234,8 +240,14 @@ struct SessionRec {
     /// Global sequence number (unique, increasing with first event); `u64::MAX` = empty slot.
     seq: u64,
     last_ts: i64,
-    items: Vec<ItemIdx>,
-    weights: Vec<f32>,
+    /// Items with their event weights, oldest first (one allocation per session).
+    clicks: Vec<Click>,
+}
+
+impl SessionRec {
+    fn contains(&self, item: ItemIdx) -> bool {
+        self.clicks.iter().any(|c| c.0 == item)
+    }
 }
 
 /// The online session model (see the module documentation).
@@ -247,21 +259,107 @@ pub struct SessionModel {
     next_seq: u64,
     /// Live session key → seq (only for retained sessions).
     live: FxHashMap<u64, u64>,
-    /// Item → seqs of the sessions that most recently touched it (oldest first).
-    postings: Vec<VecDeque<u64>>,
+    /// Item → slots of the retained sessions that most recently touched it (oldest first).
+    /// Exact: a session leaves every list it is in when it is evicted or its item drops out.
+    postings: Vec<VecDeque<u32>>,
     /// Item → number of retained sessions containing it.
     df: Vec<u32>,
-    /// Item → (next item → rule weight).
-    rules: Vec<FxHashMap<ItemIdx, f32>>,
+    /// Item → `ln(df)` (0 for df ≤ 1), kept with `df` so scoring needs no logarithm per item.
+    ln_df: Vec<f32>,
+    /// Item → (next item, rule weight), unordered, at most `1.25 · max_rules_per_item` long.
+    rules: Vec<Vec<(ItemIdx, f32)>>,
     /// Number of retained sessions.
     retained: usize,
+}
+
+/// Per-thread scratch space of [`SessionModel::score_session`]: dense per-item accumulators
+/// (reset through the touched list, never cleared whole) and reusable buffers, so scoring
+/// allocates nothing and hashes only session slots.
+#[derive(Default)]
+struct Scratch {
+    items: Vec<ItemScratch>,
+    touched: Vec<ItemIdx>,
+    /// Distinct query items, by last position.
+    query: Vec<ItemIdx>,
+    candidates: FxHashMap<u32, (f32, u32)>,
+    ranked: Vec<Candidate>,
+    item_decay: Vec<f32>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct ItemScratch {
+    /// Query position + 1 of the item's last occurrence (0: not in the query).
+    query_pos: u32,
+    query_weight: f32,
+    /// Whether the item is in `touched` (then `knn` and `sr` are live).
+    touched: bool,
+    knn: f32,
+    sr: f32,
+}
+
+/// A neighbour candidate: similarity, tie-breaking seq, ring slot, query step.
+#[derive(Clone, Copy)]
+struct Candidate {
+    last_ts: i64,
+    seq: u64,
+    slot: u32,
+    sim: f32,
+    /// Highest query position of a shared item.
+    best_pos: u32,
+}
+
+impl Scratch {
+    fn prepare(&mut self, items: usize) {
+        if self.items.len() < items {
+            self.items.resize(items, ItemScratch::default());
+        }
+    }
+
+    fn touch(&mut self, item: ItemIdx) -> &mut ItemScratch {
+        let s = &mut self.items[item as usize];
+        if !s.touched {
+            s.touched = true;
+            s.knn = 0.0;
+            s.sr = 0.0;
+            self.touched.push(item);
+        }
+        &mut self.items[item as usize]
+    }
+
+    /// Resets everything the last call left behind.
+    fn reset(&mut self) {
+        for &it in &self.touched {
+            self.items[it as usize].touched = false;
+        }
+        for &it in &self.query {
+            self.items[it as usize].query_pos = 0;
+        }
+        self.touched.clear();
+        self.query.clear();
+        self.candidates.clear();
+        self.ranked.clear();
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Pushes onto `list`, growing its capacity by doubling but never past `cap`, so bounded lists
+/// never carry the slack of a power-of-two growth step beyond their bound.
+fn push_bounded<T>(list: &mut Vec<T>, value: T, cap: usize) {
+    if list.len() == list.capacity() && list.len() < cap {
+        let grow = (list.len().max(2) * 2).min(cap) - list.len();
+        list.reserve_exact(grow.max(1));
+    }
+    list.push(value);
 }
 
 impl SessionModel {
     /// Creates an empty model.
     pub fn new(config: SessionModelConfig) -> Self {
         let mut config = config;
-        config.max_sessions = config.max_sessions.max(1);
+        config.max_sessions = config.max_sessions.clamp(1, u32::MAX as usize);
         config.max_items_per_session = config.max_items_per_session.max(1);
         config.max_sessions_per_item = config.max_sessions_per_item.max(1);
         config.max_rules_per_item = config.max_rules_per_item.max(1);
@@ -272,6 +370,7 @@ impl SessionModel {
             live: FxHashMap::default(),
             postings: Vec::new(),
             df: Vec::new(),
+            ln_df: Vec::new(),
             rules: Vec::new(),
             retained: 0,
         }
@@ -297,24 +396,25 @@ impl SessionModel {
         (seq % self.config.max_sessions as u64) as usize
     }
 
-    fn valid(&self, seq: u64) -> Option<&SessionRec> {
-        let s = self.sessions.get(self.slot(seq))?;
-        (s.seq == seq).then_some(s)
-    }
-
     fn ensure_item(&mut self, item: ItemIdx) {
         let n = item as usize + 1;
         if self.postings.len() < n {
             self.postings.resize_with(n, VecDeque::new);
             self.df.resize(n, 0);
-            self.rules.resize_with(n, FxHashMap::default);
+            self.ln_df.resize(n, 0.0);
+            self.rules.resize_with(n, Vec::new);
         }
     }
 
-    /// Removes `seq` from the posting list of `item` (searching from the back).
-    fn unpost(&mut self, item: ItemIdx, seq: u64) {
+    fn set_df(&mut self, item: ItemIdx, df: u32) {
+        self.df[item as usize] = df;
+        self.ln_df[item as usize] = (df.max(1) as f32).ln();
+    }
+
+    /// Removes `slot` from the posting list of `item` (searching from the back).
+    fn unpost(&mut self, item: ItemIdx, slot: u32) {
         let list = &mut self.postings[item as usize];
-        if let Some(pos) = list.iter().rposition(|&s| s == seq) {
+        if let Some(pos) = list.iter().rposition(|&s| s == slot) {
             list.remove(pos);
         }
     }
@@ -330,11 +430,10 @@ impl SessionModel {
             self.live.remove(&rec.key);
         }
         self.retained = self.retained.saturating_sub(1);
-        let mut seen = FxHashSet::default();
-        for &it in &rec.items {
-            if seen.insert(it) {
-                self.df[it as usize] = self.df[it as usize].saturating_sub(1);
-                self.unpost(it, rec.seq);
+        for (j, &(it, _)) in rec.clicks.iter().enumerate() {
+            if rec.clicks[..j].iter().all(|c| c.0 != it) {
+                self.set_df(it, self.df[it as usize].saturating_sub(1));
+                self.unpost(it, slot as u32);
             }
         }
     }
@@ -368,8 +467,8 @@ impl SessionModel {
                 let rec = &mut self.sessions[slot];
                 rec.key = session;
                 rec.seq = seq;
-                rec.items.clear();
-                rec.weights.clear();
+                rec.last_ts = 0;
+                rec.clicks.clear();
                 self.live.insert(session, seq);
                 self.retained += 1;
                 seq
@@ -380,56 +479,67 @@ impl SessionModel {
         // Sequential rules from the previous items of the session.
         {
             let rec = &self.sessions[slot];
-            let n = rec.items.len();
+            let n = rec.clicks.len();
             let steps = self.config.sr_steps.min(n);
             let max_rules = self.config.max_rules_per_item;
+            let limit = max_rules + max_rules / 4;
             for d in 1..=steps {
-                let a = rec.items[n - d];
+                let a = rec.clicks[n - d].0;
                 if a == item {
                     continue;
                 }
-                let map = &mut self.rules[a as usize];
-                *map.entry(item).or_insert(0.0) += weight / d as f32;
-                if map.len() > max_rules + max_rules / 4 {
-                    prune_rules(map, max_rules);
+                let rules = &mut self.rules[a as usize];
+                let add = weight / d as f32;
+                match rules.iter_mut().find(|r| r.0 == item) {
+                    Some(r) => r.1 += add,
+                    None => {
+                        if rules.len() >= limit {
+                            prune_rules(rules, max_rules);
+                        }
+                        push_bounded(rules, (item, add), limit);
+                    }
                 }
             }
         }
 
         // Session record, document frequency and posting list.
+        let max_items = self.config.max_items_per_session;
         let rec = &mut self.sessions[slot];
         rec.last_ts = rec.last_ts.max(ts_ms);
-        let already = rec.items.contains(&item);
-        rec.items.push(item);
-        rec.weights.push(weight);
+        let already = rec.contains(item);
+        rec.clicks.push((item, weight));
         let mut dropped = None;
-        if rec.items.len() > self.config.max_items_per_session {
-            let old = rec.items.remove(0);
-            rec.weights.remove(0);
-            if !rec.items.contains(&old) {
+        if rec.clicks.len() > max_items {
+            let old = rec.clicks.remove(0).0;
+            if !rec.contains(old) {
                 dropped = Some(old);
             }
         }
+        let slot = slot as u32;
         if let Some(old) = dropped {
-            self.df[old as usize] = self.df[old as usize].saturating_sub(1);
-            self.unpost(old, seq);
+            self.set_df(old, self.df[old as usize].saturating_sub(1));
+            self.unpost(old, slot);
         }
+        let cap = self.config.max_sessions_per_item;
+        let list = &mut self.postings[item as usize];
         if already {
             // Move the session to the most recent end of the item's posting list.
-            let list = &mut self.postings[item as usize];
-            if list.back() != Some(&seq) {
-                if let Some(pos) = list.iter().rposition(|&s| s == seq) {
+            if list.back() != Some(&slot) {
+                if let Some(pos) = list.iter().rposition(|&s| s == slot) {
                     list.remove(pos);
                 }
-                list.push_back(seq);
+                list.push_back(slot);
             }
         } else {
-            self.df[item as usize] += 1;
-            self.postings[item as usize].push_back(seq);
-            let cap = self.config.max_sessions_per_item;
-            while self.postings[item as usize].len() > cap {
-                self.postings[item as usize].pop_front();
+            while list.len() >= cap {
+                list.pop_front();
             }
+            if list.len() == list.capacity() {
+                let grow = (list.len().max(2) * 2).min(cap) - list.len();
+                list.reserve_exact(grow.max(1));
+            }
+            list.push_back(slot);
+            self.set_df(item, self.df[item as usize] + 1);
         }
     }
 
@@ -469,16 +579,49 @@ impl SessionModel {
         if q.is_empty() {
             return;
         }
-        let n = q.len();
-        let exclude_seq = exclude_key.and_then(|k| self.live.get(&k).copied());
-        let n_sess = self.retained.max(1) as f32;
-        let idf = |it: ItemIdx| -> f32 {
-            let df = self.df.get(it as usize).copied().unwrap_or(0).max(1) as f32;
-            (n_sess / df).ln().max(0.0)
-        };
+        let items = q
+            .iter()
+            .map(|&i| i as usize + 1)
+            .max()
+            .unwrap_or(0)
+            .max(self.postings.len());
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.prepare(items);
+            self.score_with(
+                &mut scratch,
+                exclude_key,
+                exclude_identical,
+                q,
+                now_ms,
+                out,
+            );
+            scratch.reset();
+        });
+    }
 
-        // Query item → (position weight incl. idf, last position).
-        let mut qmap: FxHashMap<ItemIdx, (f32, usize)> = FxHashMap::default();
+    fn idf(&self, ln_sessions: f32, item: ItemIdx) -> f32 {
+        let ln_df = self.ln_df.get(item as usize).copied().unwrap_or(0.0);
+        (ln_sessions - ln_df).max(0.0)
+    }
+
+    fn score_with(
+        &self,
+        s: &mut Scratch,
+        exclude_key: Option<u64>,
+        exclude_identical: bool,
+        q: &[ItemIdx],
+        now_ms: i64,
+        out: &mut Vec<(ItemIdx, f32)>,
+    ) {
+        let cfg = &self.config;
+        let n = q.len();
+        let exclude_slot = exclude_key
+            .and_then(|k| self.live.get(&k))
+            .map(|&seq| self.slot(seq) as u32);
+        let ln_sessions = (self.retained.max(1) as f32).ln();
+
+        // Query items: position weight (with IDF) of each item's last occurrence.
         for (p, &it) in q.iter().enumerate() {
             let w = if cfg.pos_linear {
                 (p + 1) as f32 / n as f32
@@ -486,167 +629,178 @@ impl SessionModel {
                 (-((n - 1 - p) as f32) / cfg.pos_decay.max(1e-6)).exp()
             };
             let w = if cfg.idf_sim_weight != 0.0 {
-                w * (1.0 + cfg.idf_sim_weight * idf(it))
+                w * (1.0 + cfg.idf_sim_weight * self.idf(ln_sessions, it))
             } else {
                 w
             };
-            qmap.insert(it, (w, p));
+            let e = &mut s.items[it as usize];
+            if e.query_pos == 0 {
+                s.query.push(it);
+            }
+            e.query_pos = p as u32 + 1;
+            e.query_weight = w;
         }
+        s.query.sort_unstable_by_key(|&it| s.items[it as usize].query_pos);
 
-        // 1. Candidates: sessions sharing an item with the query.
-        let mut seen: FxHashSet<u64> = FxHashSet::default();
-        let mut cands: Vec<(i64, u64)> = Vec::new();
-        for &it in qmap.keys() {
+        // 1. Candidates: every retained session sharing an item with the query, with its
+        //    similarity accumulated straight from the posting lists (no session is read).
+        for &it in &s.query {
             let Some(list) = self.postings.get(it as usize) else {
                 continue;
             };
-            for &seq in list.iter().rev() {
-                if Some(seq) == exclude_seq || !seen.insert(seq) {
+            let e = s.items[it as usize];
+            let (w, pos) = (e.query_weight, e.query_pos - 1);
+            for &slot in list {
+                if Some(slot) == exclude_slot {
                     continue;
                 }
-                if let Some(rec) = self.valid(seq) {
-                    cands.push((rec.last_ts, seq));
-                }
+                let c = s.candidates.entry(slot).or_insert((0.0, 0));
+                c.0 += w;
+                c.1 = c.1.max(pos);
             }
+        }
+        for (&slot, &(sim, best_pos)) in &s.candidates {
+            let rec = &self.sessions[slot as usize];
+            s.ranked.push(Candidate {
+                last_ts: rec.last_ts,
+                seq: rec.seq,
+                slot,
+                sim,
+                best_pos,
+            });
         }
         // 2. Keep the most recent `sample_size`.
-        let by_recency = |a: &(i64, u64), b: &(i64, u64)| b.cmp(a);
-        if cands.len() > cfg.sample_size && cfg.sample_size > 0 {
-            cands.select_nth_unstable_by(cfg.sample_size - 1, by_recency);
-            cands.truncate(cfg.sample_size);
+        let by_recency =
+            |a: &Candidate, b: &Candidate| (b.last_ts, b.seq).cmp(&(a.last_ts, a.seq));
+        if s.ranked.len() > cfg.sample_size && cfg.sample_size > 0 {
+            s.ranked.select_nth_unstable_by(cfg.sample_size - 1, by_recency);
+            s.ranked.truncate(cfg.sample_size);
         }
 
-        // 3. Similarities.
+        // 3. Similarities: length normalisation and neighbour recency.
         let half_life = cfg.recency_half_life_ms;
-        let mut neigh: Vec<(f32, u64, u32, u32)> = Vec::with_capacity(cands.len());
-        let mut matched: Vec<ItemIdx> = Vec::new();
-        for &(ts, seq) in &cands {
-            let rec = &self.sessions[self.slot(seq)];
-            if exclude_identical
-                && rec.items.len() <= n
-                && rec.items[..] == q[n - rec.items.len()..]
-            {
-                continue;
-            }
-            matched.clear();
-            let mut sim = 0.0f32;
-            let mut last_match = 0usize;
-            let mut best_qpos = 0usize;
-            for (j, &it) in rec.items.iter().enumerate() {
-                if let Some(&(w, p)) = qmap.get(&it) {
-                    last_match = j;
-                    if !matched.contains(&it) {
-                        matched.push(it);
-                        sim += w;
-                        best_qpos = best_qpos.max(p);
-                    }
+        s.ranked.retain_mut(|c| {
+            if exclude_identical || cfg.len_norm != 0.0 {
+                let rec = &self.sessions[c.slot as usize];
+                let len = rec.clicks.len();
+                if exclude_identical
+                    && len <= n
+                    && rec.clicks.iter().map(|c| c.0).eq(q[n - len..].iter().copied())
+                {
+                    return false;
+                }
+                if c.sim > 0.0 && cfg.len_norm != 0.0 {
+                    c.sim /= (len as f32).powf(cfg.len_norm);
                 }
             }
-            if sim <= 0.0 {
-                continue;
-            }
-            if cfg.len_norm != 0.0 {
-                sim /= (rec.items.len() as f32).powf(cfg.len_norm);
+            if c.sim <= 0.0 {
+                return false;
             }
             if half_life > 0.0 {
-                let age = (now_ms.saturating_sub(ts)).max(0) as f64;
-                sim *= (-(std::f64::consts::LN_2) * age / half_life).exp() as f32;
+                let age = (now_ms.saturating_sub(c.last_ts)).max(0) as f64;
+                c.sim *= (-(std::f64::consts::LN_2) * age / half_life).exp() as f32;
             }
-            let step = (n - best_qpos) as u32;
-            neigh.push((sim, seq, last_match as u32, step));
-        }
+            true
+        });
         // 4. Top-k neighbours (ties by seq, most recent first, for determinism).
-        let by_sim = |a: &(f32, u64, u32, u32), b: &(f32, u64, u32, u32)| {
-            b.0.total_cmp(&a.0).then(b.1.cmp(&a.1))
-        };
-        if neigh.len() > cfg.k && cfg.k > 0 {
-            neigh.select_nth_unstable_by(cfg.k - 1, by_sim);
-            neigh.truncate(cfg.k);
+        let by_sim = |a: &Candidate, b: &Candidate| b.sim.total_cmp(&a.sim).then(b.seq.cmp(&a.seq));
+        if s.ranked.len() > cfg.k && cfg.k > 0 {
+            s.ranked.select_nth_unstable_by(cfg.k - 1, by_sim);
+            s.ranked.truncate(cfg.k);
         }
         // Deterministic accumulation order.
-        neigh.sort_unstable_by(by_sim);
+        s.ranked.sort_unstable_by(by_sim);
 
-        let mut knn: FxHashMap<ItemIdx, f32> = FxHashMap::default();
+        // 5. Items of the neighbours, weighted by their distance from the last shared item.
         let inv_item_decay = 1.0 / cfg.item_decay.max(1e-6);
-        for &(sim, seq, last_match, step) in &neigh {
-            let rec = &self.sessions[self.slot(seq)];
+        let mut ranked = std::mem::take(&mut s.ranked);
+        for c in &ranked {
+            let rec = &self.sessions[c.slot as usize];
+            while s.item_decay.len() < rec.clicks.len() {
+                let d = s.item_decay.len();
+                s.item_decay.push((-(d as f32) * inv_item_decay).exp());
+            }
+            let last_match = rec
+                .clicks
+                .iter()
+                .rposition(|cl| s.items[cl.0 as usize].query_pos != 0)
+                .unwrap_or(0);
+            let step = (n - c.best_pos as usize) as u32;
             let base = if cfg.match_step_exp != 0.0 {
-                sim / (step as f32).powf(cfg.match_step_exp)
+                c.sim / (step as f32).powf(cfg.match_step_exp)
             } else {
-                sim
+                c.sim
             };
-            let m = last_match as i64;
-            for (j, (&it, &w)) in rec.items.iter().zip(&rec.weights).enumerate() {
-                let d = j as i64 - m;
-                let mut s = base * (-(d.unsigned_abs() as f32) * inv_item_decay).exp() * w;
+            for (j, &(it, w)) in rec.clicks.iter().enumerate() {
+                let d = j as i64 - last_match as i64;
+                let mut score = base * s.item_decay[d.unsigned_abs() as usize] * w;
                 if d < 0 {
-                    s *= cfg.before_match_weight;
+                    score *= cfg.before_match_weight;
                 }
-                *knn.entry(it).or_insert(0.0) += s;
+                s.touch(it).knn += score;
             }
         }
+        ranked.clear();
+        s.ranked = ranked;
+        s.item_decay.clear();
         if cfg.idf_score_weight != 0.0 {
-            for (it, s) in knn.iter_mut() {
-                *s *= 1.0 + cfg.idf_score_weight * idf(*it);
+            for &it in &s.touched {
+                let idf = self.idf(ln_sessions, it);
+                s.items[it as usize].knn *= 1.0 + cfg.idf_score_weight * idf;
             }
         }
 
         // Sequential rules.
-        let mut sr: FxHashMap<ItemIdx, f32> = FxHashMap::default();
         if cfg.sr_weight > 0.0 {
             let mut f = 1.0f32;
             for &a in q.iter().rev().take(cfg.sr_history.max(1)) {
-                if let Some(map) = self.rules.get(a as usize) {
-                    for (&b, &w) in map {
-                        *sr.entry(b).or_insert(0.0) += f * w;
+                if let Some(rules) = self.rules.get(a as usize) {
+                    for &(b, w) in rules {
+                        s.touch(b).sr += f * w;
                     }
                 }
                 f *= cfg.sr_history_decay;
             }
         }
 
-        let (max_knn, max_sr) = if cfg.norm_sum {
-            (knn.values().sum::<f32>(), sr.values().sum::<f32>())
+        let (mut max_knn, mut max_sr) = (0.0f32, 0.0f32);
+        for &it in &s.touched {
+            let e = &s.items[it as usize];
+            if cfg.norm_sum {
+                max_knn += e.knn;
+                max_sr += e.sr;
+            } else {
+                max_knn = max_knn.max(e.knn);
+                max_sr = max_sr.max(e.sr);
+            }
+        }
+        let inv_knn = if max_knn > 0.0 { 1.0 / max_knn } else { 0.0 };
+        let f_sr = if max_sr > 0.0 {
+            cfg.sr_weight / max_sr
         } else {
-            (
-                knn.values().copied().fold(0.0f32, f32::max),
-                sr.values().copied().fold(0.0f32, f32::max),
-            )
+            0.0
         };
-        let start = out.len();
-        if max_knn > 0.0 {
-            let inv = 1.0 / max_knn;
-            out.extend(knn.iter().map(|(&it, &s)| (it, s * inv)));
-        }
-        let mut idx: FxHashMap<ItemIdx, usize> = FxHashMap::default();
-        idx.reserve(out.len() - start + qmap.len());
-        for (i, &(it, _)) in out[start..].iter().enumerate() {
-            idx.insert(it, start + i);
-        }
-        let mut add = |it: ItemIdx, s: f32, out: &mut Vec<(ItemIdx, f32)>| match idx.get(&it) {
-            Some(&i) => out[i].1 += s,
-            None => {
-                idx.insert(it, out.len());
-                out.push((it, s));
-            }
-        };
-        if max_sr > 0.0 {
-            let f = cfg.sr_weight / max_sr;
-            for (&it, &s) in &sr {
-                add(it, s * f, out);
+        // Reminders: every query item, by the steps since its last occurrence.
+        let remind = cfg.repeat_weight > 0.0;
+        if remind {
+            for i in 0..s.query.len() {
+                let it = s.query[i];
+                s.touch(it);
             }
         }
-        if cfg.repeat_weight > 0.0 {
-            let inv = 1.0 / cfg.repeat_decay.max(1e-6);
-            // Deterministic order: by query position.
-            for (p, &it) in q.iter().enumerate() {
-                if qmap.get(&it).map(|x| x.1) == Some(p) {
-                    let back = (n - 1 - p) as f32;
-                    add(it, cfg.repeat_weight * (-back * inv).exp(), out);
-                }
+        let inv_repeat_decay = 1.0 / cfg.repeat_decay.max(1e-6);
+        out.reserve(s.touched.len());
+        for &it in &s.touched {
+            let e = &s.items[it as usize];
+            let mut score = e.knn * inv_knn + e.sr * f_sr;
+            if remind && e.query_pos != 0 {
+                let back = (n - e.query_pos as usize) as f32;
+                score += cfg.repeat_weight * (-back * inv_repeat_decay).exp();
+            }
+            if score > 0.0 && score.is_finite() {
+                out.push((it, score));
             }
         }
-        out.retain(|&(_, s)| s > 0.0 && s.is_finite());
     }
 
     /// Approximate heap bytes used.
@@ -654,40 +808,42 @@ impl SessionModel {
         use std::mem::size_of;
         let mut b = self.sessions.capacity() * size_of::<SessionRec>();
         for s in &self.sessions {
-            b += s.items.capacity() * size_of::<ItemIdx>() + s.weights.capacity() * 4;
+            b += s.clicks.capacity() * size_of::<Click>();
         }
         // hashbrown: (K,V) + 1 control byte per bucket.
         b += self.live.capacity() * (size_of::<(u64, u64)>() + 1);
-        b += self.postings.capacity() * size_of::<VecDeque<u64>>();
+        b += self.postings.capacity() * size_of::<VecDeque<u32>>();
         b += self
             .postings
             .iter()
-            .map(|p| p.capacity() * 8)
+            .map(|p| p.capacity() * size_of::<u32>())
             .sum::<usize>();
-        b += self.df.capacity() * 4;
-        b += self.rules.capacity() * size_of::<FxHashMap<ItemIdx, f32>>();
+        b += self.df.capacity() * 4 + self.ln_df.capacity() * 4;
+        b += self.rules.capacity() * size_of::<Vec<(ItemIdx, f32)>>();
         b += self
             .rules
             .iter()
-            .map(|m| m.capacity() * (size_of::<(ItemIdx, f32)>() + 1))
+            .map(|r| r.capacity() * size_of::<(ItemIdx, f32)>())
             .sum::<usize>();
         b
     }
 }
 
-/// Keeps the `keep` strongest rules of `map` (ties broken by item index for determinism).
-fn prune_rules(map: &mut FxHashMap<ItemIdx, f32>, keep: usize) {
-    let mut v: Vec<(ItemIdx, f32)> = map.iter().map(|(&k, &w)| (k, w)).collect();
-    v.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(keep);
-    map.clear();
-    map.extend(v);
+/// Keeps the `keep` strongest rules (ties broken by item index for determinism).
+fn prune_rules(rules: &mut Vec<(ItemIdx, f32)>, keep: usize) {
+    rules.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    rules.truncate(keep);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use rustc_hash::FxHashSet;
+
+    fn rule(m: &SessionModel, a: ItemIdx, b: ItemIdx) -> Option<f32> {
+        m.rules[a as usize].iter().find(|r| r.0 == b).map(|r| r.1)
+    }
 
     /// A configuration with only the kNN core switched on (no SR, reminder, IDF or recency).
     fn knn_only() -> SessionModelConfig {
@@ -824,14 +980,14 @@ mod tests {
         };
         let mut m = SessionModel::new(cfg);
         learn(&mut m, &[(1, &[1, 2, 3, 4])]);
-        assert_eq!(m.rules[1].get(&2), Some(&1.0));
-        assert_eq!(m.rules[1].get(&3), Some(&0.5));
-        assert_eq!(m.rules[1].get(&4), None); // beyond sr_steps
-        assert_eq!(m.rules[2].get(&1), None); // rules are directed
+        assert_eq!(rule(&m, 1, 2), Some(1.0));
+        assert_eq!(rule(&m, 1, 3), Some(0.5));
+        assert_eq!(rule(&m, 1, 4), None); // beyond sr_steps
+        assert_eq!(rule(&m, 2, 1), None); // rules are directed
                                               // Event weights scale the rule towards the weighted item.
         m.observe(2, 7, 0, 1.0);
         m.observe(2, 8, 1, 3.0);
-        assert_eq!(m.rules[7].get(&8), Some(&3.0));
+        assert_eq!(rule(&m, 7, 8), Some(3.0));
         // In the hybrid, SR adds to what follows the last item: 2 and 4 are symmetric around 3
         // for the kNN part, the rule 3 → 4 breaks the tie.
         let mut cfg = knn_only();
@@ -922,7 +1078,8 @@ mod tests {
         assert_eq!(m.postings[1].len(), 4);
         learn(&mut m, &[(100, &[5, 6, 7, 8, 9])]);
         let rec = &m.sessions[m.slot(m.live[&100])];
-        assert_eq!(rec.items, vec![7, 8, 9]);
+        let items: Vec<ItemIdx> = rec.clicks.iter().map(|c| c.0).collect();
+        assert_eq!(items, vec![7, 8, 9]);
         assert_eq!(m.df[5], 0);
         assert!(m.postings[5].is_empty());
         for b in 0..100u32 {
@@ -1025,10 +1182,10 @@ mod tests {
             prop_assert_eq!(m.live.len(), m.num_sessions());
             for (it, p) in m.postings.iter().enumerate() {
                 prop_assert!(p.len() <= 3);
-                let live = p.iter().filter(|&&s| m.valid(s).is_some()).count();
+                let live = p.iter().filter(|&&s| m.sessions[s as usize].seq != u64::MAX).count();
                 prop_assert_eq!(live, p.len());
                 let contains = m.sessions.iter()
-                    .filter(|r| r.seq != u64::MAX && r.items.contains(&(it as ItemIdx)))
+                    .filter(|r| r.seq != u64::MAX && r.contains(it as ItemIdx))
                     .count();
                 prop_assert_eq!(m.df[it] as usize, contains);
             }

@@ -15,7 +15,7 @@ use kairos_types::{stable_hash64, Event, EventKind, Item, LogEntry};
 use crate::config::StateConfig;
 use crate::intern::Interner;
 use crate::items::{Counted, ItemData};
-use crate::profile::{Action, Interaction, Profile};
+use crate::profile::{Action, Interaction, Profile, Profiles};
 use crate::session_model::SessionModel;
 
 /// Where a log entry sits in the log.
@@ -72,11 +72,30 @@ pub struct CachedList {
     pub items: Vec<(u32, f32)>,
 }
 
+/// Aggregates of everyone's interactions per category and per brand, which affinities compare a
+/// profile with. Refreshed like [`CachedList`].
+#[derive(Clone, Debug, Default)]
+pub struct AttributeStats {
+    /// The engine clock ([`State::clock`]) and the applied entries when computed.
+    pub clock: i64,
+    pub seq: u64,
+    /// Decayed interaction mass per category (dense by index), and its total.
+    pub category_mass: Vec<f32>,
+    pub category_total: f32,
+    /// Decayed interaction mass per brand (dense by index), and its total.
+    pub brand_mass: Vec<f32>,
+    pub brand_total: f32,
+    /// The most popular items of each category (dense by index), best first.
+    pub category_top: Vec<Vec<(u32, f32)>>,
+}
+
 /// Caches derived from the state; never serialized, rebuilt on demand.
 #[derive(Debug, Default)]
 pub struct Caches {
     pub trending: Mutex<FxHashMap<Option<u32>, CachedList>>,
     pub popular: Mutex<FxHashMap<Option<u32>, CachedList>>,
+    /// Population aggregates per category and brand, for affinities.
+    pub attributes: Mutex<Option<std::sync::Arc<AttributeStats>>>,
     /// Lookups answered from a cached list, and lookups that recomputed it.
     pub hits: std::sync::atomic::AtomicU64,
     pub misses: std::sync::atomic::AtomicU64,
@@ -91,7 +110,7 @@ pub struct State {
     pub categories: Interner,
     pub brands: Interner,
     /// Profiles by user key: `u:<userId>` for known users, `a:<anonymousId>` for anonymous ones.
-    pub users: FxHashMap<Box<str>, Profile>,
+    pub users: Profiles,
     /// Anonymous ids (`a:` keys) already merged into a known user (`u:` key).
     pub links: FxHashMap<Box<str>, Box<str>>,
     pub sessions: SessionModel,
@@ -115,6 +134,20 @@ pub fn user_key(user_id: &str) -> String {
     format!("u:{user_id}")
 }
 
+/// Runs `f` on the key `prefix` + `id` built in a reused per-thread buffer (no allocation).
+fn with_key<R>(prefix: &str, id: &str, f: impl FnOnce(&str) -> R) -> R {
+    thread_local! {
+        static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    KEY.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        buf.push_str(prefix);
+        buf.push_str(id);
+        f(&buf)
+    })
+}
+
 pub fn anonymous_key(anonymous_id: &str) -> String {
     format!("a:{anonymous_id}")
 }
@@ -128,7 +161,7 @@ impl State {
             item_data: Vec::new(),
             categories: Interner::default(),
             brands: Interner::default(),
-            users: FxHashMap::default(),
+            users: Profiles::default(),
             links: FxHashMap::default(),
             checkpoint: Checkpoint::default(),
             clock: 0,
@@ -231,7 +264,7 @@ impl State {
         self.links.insert(anon.clone().into(), user.into());
         if let Some(other) = self.users.remove(anon.as_str()) {
             let cfg = &self.config;
-            let target = self.users.entry(user.into()).or_default();
+            let target = self.users.get_or_insert(user);
             target.merge_from(&other, cfg);
             self.counters.merges += 1;
         }
@@ -242,36 +275,39 @@ impl State {
         self.clock = self.clock.max(e.timestamp);
         let kind = e.kind();
 
+        // The profile key. With a user id it is the user's whatever the links say, so resolving
+        // it before the links below change gives the same key as after.
+        let Some(key) = self.resolve_key(e.user_id.as_deref(), e.anonymous_id.as_deref()) else {
+            return;
+        };
         // Identity: any event that carries both ids, and every identify/alias, stitches them.
-        if let Some(user) = e.user_id.as_deref() {
-            let ukey = user_key(user);
+        if e.user_id.is_some() {
+            let ukey = key.as_str();
             if let Some(anon) = e.anonymous_id.as_deref() {
-                self.link(anonymous_key(anon), &ukey);
+                // Every event of a known user carries both ids: check the link without allocating.
+                if !with_key("a:", anon, |a| self.links.contains_key(a)) {
+                    self.link(anonymous_key(anon), ukey);
+                }
             }
             if let Some(prev) = e.previous_id.as_deref() {
-                self.link(anonymous_key(prev), &ukey);
+                self.link(anonymous_key(prev), ukey);
                 let prev_user = user_key(prev);
                 if prev_user != ukey && self.users.contains_key(prev_user.as_str()) {
-                    self.link(prev_user, &ukey);
+                    self.link(prev_user, ukey);
                 }
             }
         }
         if matches!(kind, EventKind::Identify | EventKind::Alias) {
-            if let Some(key) = self.resolve_key(e.user_id.as_deref(), e.anonymous_id.as_deref()) {
-                let p = self.users.entry(key.into()).or_default();
-                if p.first_seen == 0 {
-                    p.first_seen = e.timestamp;
-                }
-                p.last_seen = p.last_seen.max(e.timestamp);
+            let p = self.users.get_or_insert(&key);
+            if p.first_seen == 0 {
+                p.first_seen = e.timestamp;
             }
+            p.last_seen = p.last_seen.max(e.timestamp);
             return;
         }
-        let Some(key) = self.resolve_key(e.user_id.as_deref(), e.anonymous_id.as_deref()) else {
-            return;
-        };
 
         let session_timeout_ms = self.config.session_timeout_secs * 1000;
-        let profile = self.users.entry(key.as_str().into()).or_default();
+        let profile = self.users.get_or_insert(&key);
         if profile.first_seen == 0 {
             profile.first_seen = e.timestamp;
         }
@@ -424,18 +460,12 @@ impl State {
             Action::Purchase => cfg.weights.purchase,
         };
         let data = &self.item_data[item as usize];
-        let (item_categories, item_brand) = (data.categories.clone(), data.brand);
         let profile = self.users.get_mut(key).expect("profile exists");
         let session = profile.session_no;
         let session_key = profile.session_key;
         // Previous distinct items of this session, most recent first, for co-visitation.
         let mut previous: Vec<u32> = Vec::with_capacity(cfg.covisit_window);
-        for i in profile
-            .session_items()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
+        for i in profile.session_items().rev() {
             if previous.len() >= cfg.covisit_window {
                 break;
             }
@@ -444,10 +474,10 @@ impl State {
             }
         }
         let ah = cfg.affinity_half_life_ms();
-        for &c in &item_categories {
+        for &c in &data.categories {
             profile.categories.add(c, w, ts, ah, cfg.max_affinities);
         }
-        if let Some(b) = item_brand {
+        if let Some(b) = data.brand {
             profile.brands.add(b, w, ts, ah, cfg.max_affinities);
         }
         profile.remember(
@@ -486,11 +516,7 @@ impl State {
 
     /// Approximate heap bytes of the profiles and of the items (catalogue, stats, relations).
     pub fn memory(&self) -> StateMemory {
-        let profiles: usize = self
-            .users
-            .iter()
-            .map(|(k, p)| k.len() + std::mem::size_of::<Profile>() + p.heap_bytes() + 16)
-            .sum();
+        let profiles = self.users.heap_bytes();
         let items: usize = self
             .item_data
             .iter()
@@ -544,8 +570,8 @@ mod tests {
             timestamp: ts,
             received_at: ts,
             properties,
-            traits: Map::new(),
-            context: Map::new(),
+            traits: Default::default(),
+            context: Default::default(),
         })
     }
 

@@ -9,8 +9,12 @@
 //! `state/snapshot-<seq:020>.bin`, where `seq` is the last log sequence number the snapshot covers:
 //!
 //! ```text
-//! [8 bytes magic "KAIROSS1"][u32 LE crc32 of body][u64 LE body length][body: postcard(State)]
+//! [8 bytes magic "KAIROSS2"][u32 LE crc32 of body][u64 LE body length][body: postcard(State)]
 //! ```
+//!
+//! The magic's digit is the layout version of `State`: it changes whenever the serialized layout
+//! does, so a snapshot of another layout is skipped as unreadable (and the state rebuilt from the
+//! log) rather than misread.
 //!
 //! Durability: a snapshot is written to a `.tmp` file, fsynced, renamed into place, and the
 //! directory is fsynced; a crash at any point leaves either the previous snapshot or the new one,
@@ -29,7 +33,7 @@ use crate::config::StateConfig;
 use crate::state::{Applied, Checkpoint, LogPosition, State, StateMemory};
 use kairos_types::LogEntry;
 
-const MAGIC: &[u8; 8] = b"KAIROSS1";
+const MAGIC: &[u8; 8] = b"KAIROSS2";
 const KEEP_SNAPSHOTS: usize = 2;
 
 #[derive(Debug)]
@@ -86,6 +90,11 @@ pub trait StateStore: Send + Sync + 'static {
     fn read(&self) -> RwLockReadGuard<'_, State>;
     /// Persists the state with its checkpoint.
     fn snapshot(&self) -> Result<SnapshotInfo, StateError>;
+    /// Starts persisting the state with its checkpoint, finishing in the background when the
+    /// backend can, so that applying never stops for a snapshot; the default takes it right away.
+    fn begin_snapshot(&self) -> Result<SnapshotJob, StateError> {
+        Ok(SnapshotJob::finished(self.snapshot()))
+    }
     fn stats(&self) -> StateStats;
 }
 
@@ -156,43 +165,49 @@ impl StateStore for EmbeddedStore {
     }
 
     fn snapshot(&self) -> Result<SnapshotInfo, StateError> {
-        if self.dir.as_os_str().is_empty() {
-            return Err(StateError::Corrupt(
-                "in-memory store has no snapshot directory".into(),
-            ));
-        }
+        self.check_dir()?;
         let (body, checkpoint) = {
             let state = self.read();
-            let body = postcard::to_stdvec(&*state)
-                .map_err(|e| StateError::Corrupt(format!("serializing: {e}")))?;
-            (body, state.checkpoint.clone())
+            (serialize(&state)?, state.checkpoint.clone())
         };
-        let name = format!("snapshot-{:020}.bin", checkpoint.seq);
-        let path = self.dir.join(&name);
-        let tmp = self.dir.join(format!("{name}.tmp"));
-        let mut file =
-            fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-        let mut header = Vec::with_capacity(20);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        header.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        file.write_all(&header)
-            .and_then(|_| file.write_all(&body))
-            .and_then(|_| file.sync_all())
-            .map_err(io_err(format!("writing {}", tmp.display())))?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
-        sync_dir(&self.dir)?;
-        let snapshots = list_snapshots(&self.dir)?;
-        if snapshots.len() > KEEP_SNAPSHOTS {
-            for old in &snapshots[..snapshots.len() - KEEP_SNAPSHOTS] {
-                let _ = fs::remove_file(old);
-            }
+        let info = write_snapshot(&self.dir, &body, checkpoint)?;
+        prune_snapshots(&self.dir)?;
+        Ok(info)
+    }
+
+    /// Forks the process: the child, which sees the state exactly as it is at the fork (the
+    /// caller is the only writer and is inside this call), serializes and writes the snapshot
+    /// and exits; the parent returns at once and goes on applying, its pages shared
+    /// copy-on-write with the child. Serializing a million profiles takes seconds, during which
+    /// a synchronous snapshot stops the processor and every read waiting for it. Falls back to a
+    /// synchronous snapshot where the process cannot fork.
+    fn begin_snapshot(&self) -> Result<SnapshotJob, StateError> {
+        self.check_dir()?;
+        let state = self.read();
+        let checkpoint = state.checkpoint.clone();
+        // SAFETY: the child only reads memory (the state, which nothing else writes: the single
+        // writer is this thread, now in the child), allocates (glibc's malloc is made fork-safe
+        // by its own fork handlers), writes files and leaves with `_exit`, running no destructor,
+        // no other thread's code and no lock another thread could hold (caches, logging).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let written = serialize(&state)
+                .and_then(|body| write_snapshot(&self.dir, &body, checkpoint).map(|_| ()));
+            // SAFETY: ends the child without returning into the parent's code.
+            unsafe { libc::_exit(i32::from(written.is_err())) }
         }
-        Ok(SnapshotInfo {
-            path,
-            checkpoint,
-            bytes: (header.len() + body.len()) as u64,
+        drop(state);
+        if pid < 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, "cannot fork for a background snapshot; taking it synchronously");
+            return Ok(SnapshotJob::finished(self.snapshot()));
+        }
+        Ok(SnapshotJob {
+            state: JobState::Forked {
+                pid,
+                dir: self.dir.clone(),
+                checkpoint,
+            },
         })
     }
 
@@ -204,6 +219,156 @@ impl StateStore for EmbeddedStore {
             events_applied: state.counters.events_applied,
         }
     }
+}
+
+impl EmbeddedStore {
+    fn check_dir(&self) -> Result<(), StateError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(StateError::Corrupt(
+                "in-memory store has no snapshot directory".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot being written (see [`StateStore::begin_snapshot`]).
+pub struct SnapshotJob {
+    state: JobState,
+}
+
+enum JobState {
+    Finished(Option<Result<SnapshotInfo, StateError>>),
+    Forked {
+        pid: libc::pid_t,
+        dir: PathBuf,
+        checkpoint: Checkpoint,
+    },
+}
+
+impl SnapshotJob {
+    /// A job that is already done.
+    pub fn finished(result: Result<SnapshotInfo, StateError>) -> SnapshotJob {
+        SnapshotJob {
+            state: JobState::Finished(Some(result)),
+        }
+    }
+
+    /// The outcome once the snapshot is written, `None` while it is still being written.
+    pub fn poll(&mut self) -> Option<Result<SnapshotInfo, StateError>> {
+        self.check(false)
+    }
+
+    /// Blocks until the snapshot is written.
+    pub fn wait(&mut self) -> Result<SnapshotInfo, StateError> {
+        self.check(true)
+            .unwrap_or_else(|| Err(StateError::Corrupt("snapshot job already finished".into())))
+    }
+
+    fn check(&mut self, block: bool) -> Option<Result<SnapshotInfo, StateError>> {
+        let JobState::Forked {
+            pid,
+            dir,
+            checkpoint,
+        } = &self.state
+        else {
+            let JobState::Finished(result) = &mut self.state else {
+                unreachable!("the other state");
+            };
+            return result.take();
+        };
+        let mut status = 0;
+        let flags = if block { 0 } else { libc::WNOHANG };
+        // SAFETY: waits for our own child process; `status` is a valid out-pointer.
+        let waited = unsafe { libc::waitpid(*pid, &mut status, flags) };
+        if waited == 0 {
+            return None;
+        }
+        let result = if waited < 0 {
+            Err(StateError::Io(
+                "waiting for the snapshot process".into(),
+                std::io::Error::last_os_error(),
+            ))
+        } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            let path = snapshot_path(dir, checkpoint.seq);
+            fs::metadata(&path)
+                .map_err(io_err(format!("reading {}", path.display())))
+                .and_then(|m| {
+                    prune_snapshots(dir)?;
+                    Ok(SnapshotInfo {
+                        path,
+                        checkpoint: checkpoint.clone(),
+                        bytes: m.len(),
+                    })
+                })
+        } else {
+            Err(StateError::Corrupt(format!(
+                "the snapshot process failed (wait status {status})"
+            )))
+        };
+        self.state = JobState::Finished(None);
+        Some(result)
+    }
+}
+
+impl Drop for SnapshotJob {
+    fn drop(&mut self) {
+        if let JobState::Forked { pid, .. } = self.state {
+            // Reap the child so it does not linger as a zombie; its file is complete or absent.
+            let mut status = 0;
+            // SAFETY: as in `check`.
+            unsafe {
+                libc::waitpid(pid, &mut status, 0);
+            }
+        }
+    }
+}
+
+fn serialize(state: &State) -> Result<Vec<u8>, StateError> {
+    postcard::to_stdvec(state).map_err(|e| StateError::Corrupt(format!("serializing: {e}")))
+}
+
+fn snapshot_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("snapshot-{seq:020}.bin"))
+}
+
+/// Writes `body` as the snapshot of `checkpoint`: a temporary file, fsynced, renamed into place,
+/// the directory fsynced.
+fn write_snapshot(
+    dir: &Path,
+    body: &[u8],
+    checkpoint: Checkpoint,
+) -> Result<SnapshotInfo, StateError> {
+    let path = snapshot_path(dir, checkpoint.seq);
+    let tmp = path.with_extension("bin.tmp");
+    let mut file = fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let mut header = Vec::with_capacity(20);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    file.write_all(&header)
+        .and_then(|_| file.write_all(body))
+        .and_then(|_| file.sync_all())
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+    sync_dir(dir)?;
+    Ok(SnapshotInfo {
+        path,
+        checkpoint,
+        bytes: (header.len() + body.len()) as u64,
+    })
+}
+
+/// Keeps the newest [`KEEP_SNAPSHOTS`] snapshots.
+fn prune_snapshots(dir: &Path) -> Result<(), StateError> {
+    let snapshots = list_snapshots(dir)?;
+    if snapshots.len() > KEEP_SNAPSHOTS {
+        for old in &snapshots[..snapshots.len() - KEEP_SNAPSHOTS] {
+            let _ = fs::remove_file(old);
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
@@ -246,4 +411,59 @@ fn read_snapshot(path: &Path) -> Result<State, StateError> {
         )));
     }
     postcard::from_bytes(body).map_err(|e| StateError::Corrupt(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kairos_types::{normalize_json, RequestContext};
+
+    fn entry(n: u64) -> (LogPosition, LogEntry) {
+        let raw = format!(
+            r#"{{"type":"track","event":"product_view","anonymousId":"a{}","messageId":"m{n}","properties":{{"product_id":"p{}"}}}}"#,
+            n % 3,
+            n % 5
+        );
+        let req = RequestContext {
+            received_at: 1_000 + n as i64,
+            ..Default::default()
+        };
+        let pos = LogPosition {
+            partition: 0,
+            offset: n,
+            seq: n + 1,
+        };
+        (pos, LogEntry::Event(normalize_json(&raw, &req).unwrap()))
+    }
+
+    /// A background snapshot (written by a forked child) restores exactly the state of the
+    /// moment it began, although the parent kept applying, and only the newest snapshots stay.
+    #[test]
+    fn background_snapshot_captures_the_state_when_it_began() {
+        let dir = std::env::temp_dir().join(format!("kairos-store-fork-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = EmbeddedStore::open(&dir, StateConfig::default()).unwrap();
+        let entries: Vec<_> = (0..40).map(entry).collect();
+        store.apply(&entries[..20]);
+        let expected = EmbeddedStore::in_memory(StateConfig::default());
+        expected.apply(&entries[..20]);
+        let mut job = store.begin_snapshot().unwrap();
+        store.apply(&entries[20..]);
+        let info = job.wait().unwrap();
+        assert_eq!(info.checkpoint.seq, 20);
+        assert!(info.bytes > 20);
+        let restored = EmbeddedStore::open(&dir, StateConfig::default()).unwrap();
+        let (a, b) = (restored.read(), expected.read());
+        assert_eq!(a.checkpoint, b.checkpoint);
+        assert_eq!(a.users, b.users);
+        assert_eq!(a.sessions, b.sessions);
+        assert_eq!(a.item_data, b.item_data);
+        assert_eq!((a.clock, &a.counters), (b.clock, &b.counters));
+        drop((a, b));
+        for _ in 0..3 {
+            store.begin_snapshot().unwrap().wait().unwrap();
+        }
+        assert_eq!(list_snapshots(&dir).unwrap().len(), KEEP_SNAPSHOTS);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

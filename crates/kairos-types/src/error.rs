@@ -16,7 +16,7 @@ pub const ERROR_DOCS_BASE: &str = "https://github.com/kairos-rs/kairos/blob/main
 pub enum ErrorType {
     /// The client sent something wrong; retrying the same request will fail again.
     InvalidRequest,
-    /// The server failed or is not ready; the request may be retried later.
+    /// The server failed, is not ready or is overloaded; the request may be retried later.
     System,
 }
 
@@ -88,7 +88,11 @@ codes! {
     InvalidTimestamp => "invalid_timestamp", InvalidRequest, 400, "`timestamp` or `sentAt` is not an ISO-8601 date-time or epoch milliseconds.";
     InvalidField => "invalid_field", InvalidRequest, 400, "A field has the wrong type or is too long (ids at most 256 characters; properties, traits and context must be objects).";
     InvalidEvent => "invalid_event", InvalidRequest, 400, "The event is not a JSON object.";
+    // Access (write keys and origins, `[[ingest.sources]]`).
+    InvalidWriteKey => "invalid_write_key", InvalidRequest, 401, "The write key (HTTP Basic user name, or `writeKey` in the body) is not one of `[[ingest.sources]]`, or is missing while `ingest.require_write_key` is true.";
+    OriginNotAllowed => "origin_not_allowed", InvalidRequest, 403, "The page's `Origin` is not in the `allowed_origins` of the write key's source (for a CORS preflight: of any source).";
     // Server side.
+    Overloaded => "overloaded", System, 429, "The event log has more data waiting for the disk than `event_log.max_pending_mib`; nothing of the request was acknowledged. Retry after the `Retry-After` seconds.";
     LogUnavailable => "log_unavailable", System, 503, "The event log could not make the events durable; nothing of the request was acknowledged. Retry.";
     NotReady => "not_ready", System, 503, "The node is starting or shutting down.";
 }
@@ -146,8 +150,10 @@ mod tests {
             assert!(seen.insert(name), "duplicate code {name}");
             assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
             assert!((400..600).contains(&code.http_status()));
+            // System errors are the retryable ones: 5xx, and 429 (retry after `Retry-After`).
             let system = code.error_type() == ErrorType::System;
-            assert_eq!(system, code.http_status() >= 500, "{name}");
+            let status = code.http_status();
+            assert_eq!(system, status >= 500 || status == 429, "{name}");
         }
     }
 

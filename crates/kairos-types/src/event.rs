@@ -117,10 +117,93 @@ pub struct Event {
     pub received_at: i64,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub properties: Map<String, Value>,
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub traits: Map<String, Value>,
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    pub context: Map<String, Value>,
+    /// The `traits` object as sent (stored, never interpreted).
+    #[serde(default, skip_serializing_if = "RawObject::is_empty")]
+    pub traits: RawObject,
+    /// The `context` object as sent, merged over the batch's (stored; only `sessionId` is read,
+    /// at validation).
+    #[serde(default, skip_serializing_if = "RawObject::is_empty")]
+    pub context: RawObject,
+}
+
+/// The JSON text of an object an event carries through untouched (`context`, `traits`).
+///
+/// The engine never looks inside these objects after validation, so they travel from the request
+/// to the log and back as text: building a JSON tree for them on every ingest and again on every
+/// replay was about a third of the cost of the event path. An empty or absent object is `{}`.
+/// Equality is semantic (the same JSON value), whatever the key order or spacing of the texts.
+#[derive(Clone, Debug, Default)]
+pub struct RawObject(Option<Box<str>>);
+
+impl RawObject {
+    /// Wraps the text of a JSON object (the caller guarantees it is one).
+    pub(crate) fn from_object_text(text: &str) -> RawObject {
+        let trimmed = text.trim();
+        if trimmed.len() <= 2 && trimmed.starts_with('{') {
+            return RawObject(None);
+        }
+        RawObject(Some(trimmed.into()))
+    }
+
+    pub fn from_map(map: &Map<String, Value>) -> RawObject {
+        if map.is_empty() {
+            return RawObject(None);
+        }
+        RawObject(Some(
+            serde_json::to_string(map)
+                .expect("JSON maps serialize")
+                .into(),
+        ))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The JSON text (`{}` when empty).
+    pub fn get(&self) -> &str {
+        self.0.as_deref().unwrap_or("{}")
+    }
+
+    /// The object parsed into a map.
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(self.get()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for RawObject {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get() || self.to_map() == other.to_map()
+    }
+}
+
+impl Serialize for RawObject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            let raw = serde_json::value::RawValue::from_string(self.get().to_owned())
+                .map_err(serde::ser::Error::custom)?;
+            raw.serialize(s)
+        } else {
+            s.serialize_str(self.get())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            // Through a JSON tree: this also works inside internally tagged enums (legacy log
+            // records), where serde buffers values and raw JSON cannot be borrowed.
+            match Value::deserialize(d)? {
+                Value::Null => Ok(RawObject(None)),
+                Value::Object(m) => Ok(RawObject::from_map(&m)),
+                _ => Err(serde::de::Error::custom("expected a JSON object")),
+            }
+        } else {
+            let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+            Ok(RawObject::from_object_text(&text))
+        }
+    }
 }
 
 /// One product an event concerns.
@@ -239,8 +322,15 @@ fn product_from(p: &Map<String, Value>) -> Option<ProductRef> {
 
 /// Parses an id field: absent/null is `None`; a non-id value is an error.
 fn id_field(obj: &Map<String, Value>, names: &[&str]) -> Result<Option<String>, ApiError> {
-    for name in names {
-        match obj.get(*name) {
+    first_id(names.iter().map(|&name| (name, obj.get(name))))
+}
+
+/// The first present (non-null) candidate as an id; `None` when none is present.
+fn first_id<'v>(
+    candidates: impl IntoIterator<Item = (&'v str, Option<&'v Value>)>,
+) -> Result<Option<String>, ApiError> {
+    for (name, value) in candidates {
+        match value {
             None | Some(Value::Null) => continue,
             Some(v) => {
                 return as_id(v).map(Some).ok_or_else(|| {
@@ -295,11 +385,230 @@ pub struct RequestContext {
     pub fallback_message_id: String,
 }
 
-/// Validates and normalizes one raw call.
+fn not_an_object() -> ApiError {
+    ApiError::new(Code::InvalidEvent, "an event must be a JSON object")
+}
+
+/// Validates and normalizes one raw call given as a JSON tree.
 pub fn normalize(raw: &Value, req: &RequestContext) -> Result<Event, ApiError> {
-    let obj = raw
-        .as_object()
-        .ok_or_else(|| ApiError::new(Code::InvalidEvent, "an event must be a JSON object"))?;
+    let obj = raw.as_object().ok_or_else(not_an_object)?;
+    let context = object_field(obj, "context").map(|event_context| {
+        let mut merged = req.context.clone();
+        merged.extend(event_context);
+        let session = (
+            merged.get("sessionId").cloned(),
+            merged.get("session_id").cloned(),
+        );
+        (RawObject::from_map(&merged), session)
+    });
+    let parts = Parts {
+        properties: object_field(obj, "properties"),
+        traits: object_field(obj, "traits").map(|t| RawObject::from_map(&t)),
+        context,
+    };
+    normalize_fields(obj, parts, req)
+}
+
+/// Validates and normalizes one raw call given as JSON text: the same rules and results as
+/// [`normalize`], without ever building a tree of `context` or `traits` (the largest and never
+/// interpreted parts of a tracker call), which keeps ingest cheap.
+pub fn normalize_json(raw: &str, req: &RequestContext) -> Result<Event, ApiError> {
+    let split: SplitCall = serde_json::from_str(raw).map_err(|e| {
+        if e.is_data() {
+            not_an_object()
+        } else {
+            ApiError::new(Code::InvalidEvent, format!("invalid event: {e}"))
+        }
+    })?;
+    let mut obj = split.top;
+    let properties = match obj.remove("properties") {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m),
+        Some(_) => Err(not_object_field("properties")),
+    };
+    let context = match split.context {
+        Some(Err(())) => Err(not_object_field("context")),
+        Some(Ok(text)) if !req.context.is_empty() => {
+            let mut merged = req.context.clone();
+            merged.extend(RawObject::from_object_text(text).to_map());
+            let session = (
+                merged.get("sessionId").cloned(),
+                merged.get("session_id").cloned(),
+            );
+            Ok((RawObject::from_map(&merged), session))
+        }
+        Some(Ok(text)) => session_keys(text)
+            .map(|session| (RawObject::from_object_text(text), session))
+            .map_err(|_| not_object_field("context")),
+        None => {
+            let session = (
+                req.context.get("sessionId").cloned(),
+                req.context.get("session_id").cloned(),
+            );
+            Ok((RawObject::from_map(&req.context), session))
+        }
+    };
+    let traits = match split.traits {
+        Some(Err(())) => Err(not_object_field("traits")),
+        Some(Ok(text)) => Ok(RawObject::from_object_text(text)),
+        None => Ok(RawObject::default()),
+    };
+    let parts = Parts {
+        properties,
+        traits,
+        context,
+    };
+    normalize_fields(&obj, parts, req)
+}
+
+fn not_object_field(name: &str) -> ApiError {
+    ApiError::new(Code::InvalidField, format!("`{name}` must be an object"))
+}
+
+/// `context.sessionId` and `context.session_id` (absent: `None`).
+type ContextSession = (Option<Value>, Option<Value>);
+
+/// The parts of a call [`normalize_fields`] takes already extracted, each with its validation
+/// error (reported in the same order as the fields are checked).
+struct Parts {
+    properties: Result<Map<String, Value>, ApiError>,
+    traits: Result<RawObject, ApiError>,
+    /// The event's context merged over the batch's, and its session id fields.
+    context: Result<(RawObject, ContextSession), ApiError>,
+}
+
+/// A call split into its top-level fields (as JSON values) and the raw text of `context` and
+/// `traits` (`Err(())` when present but not an object or null). Duplicate keys keep the last
+/// value, as a JSON tree would.
+struct SplitCall<'a> {
+    top: Map<String, Value>,
+    context: Option<Result<&'a str, ()>>,
+    traits: Option<Result<&'a str, ()>>,
+}
+
+/// Classifies the raw text of an object-typed field.
+fn object_text(raw: &serde_json::value::RawValue) -> Option<Result<&str, ()>> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'{') => Some(Ok(text)),
+        Some(b'n') => None,
+        _ => Some(Err(())),
+    }
+}
+
+impl<'de> Deserialize<'de> for SplitCall<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = SplitCall<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut call = SplitCall {
+                    top: Map::new(),
+                    context: None,
+                    traits: None,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "context" => {
+                            let raw: &'de serde_json::value::RawValue = map.next_value()?;
+                            call.context = object_text(raw);
+                        }
+                        "traits" => {
+                            let raw: &'de serde_json::value::RawValue = map.next_value()?;
+                            call.traits = object_text(raw);
+                        }
+                        _ => {
+                            let value: Value = map.next_value()?;
+                            call.top.insert(key, value);
+                        }
+                    }
+                }
+                Ok(call)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// Reads `sessionId` and `session_id` out of the JSON text of a context object, skipping
+/// everything else without building or allocating it.
+fn session_keys(text: &str) -> Result<ContextSession, serde_json::Error> {
+    enum Key {
+        Camel,
+        Snake,
+        Other,
+    }
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl serde::de::Visitor<'_> for Visitor {
+                type Value = Key;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+
+                fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                    Ok(match key {
+                        "sessionId" => Key::Camel,
+                        "session_id" => Key::Snake,
+                        _ => Key::Other,
+                    })
+                }
+            }
+            d.deserialize_identifier(Visitor)
+        }
+    }
+    struct Keys(ContextSession);
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visitor;
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = Keys;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut keys = Keys((None, None));
+                    while let Some(key) = map.next_key::<Key>()? {
+                        match key {
+                            Key::Camel => keys.0 .0 = Some(map.next_value()?),
+                            Key::Snake => keys.0 .1 = Some(map.next_value()?),
+                            Key::Other => {
+                                map.next_value::<serde::de::IgnoredAny>()?;
+                            }
+                        }
+                    }
+                    Ok(keys)
+                }
+            }
+            d.deserialize_map(Visitor)
+        }
+    }
+    serde_json::from_str::<Keys>(text).map(|k| k.0)
+}
+
+/// The rules shared by [`normalize`] and [`normalize_json`]: `obj` holds the call's top-level
+/// fields (whatever it holds under `properties`, `traits` and `context` is ignored: those come
+/// validated in `parts`).
+fn normalize_fields(
+    obj: &Map<String, Value>,
+    parts: Parts,
+    req: &RequestContext,
+) -> Result<Event, ApiError> {
     let call = match obj.get("type") {
         Some(Value::String(t)) => CallType::parse(t).ok_or_else(|| {
             ApiError::new(
@@ -334,10 +643,9 @@ pub fn normalize(raw: &Value, req: &RequestContext) -> Result<Event, ApiError> {
             )
         })?,
     };
-    let properties = object_field(obj, "properties")?;
-    let traits = object_field(obj, "traits")?;
-    let mut context = req.context.clone();
-    context.extend(object_field(obj, "context")?);
+    let properties = parts.properties?;
+    let traits = parts.traits?;
+    let (context, (session_camel, session_snake)) = parts.context?;
 
     // Segment's clock-skew correction: the client's clock is off by (sentAt - receivedAt).
     let timestamp = time_field(obj, "timestamp")?.or(time_field(obj, "originalTimestamp")?);
@@ -350,7 +658,10 @@ pub fn normalize(raw: &Value, req: &RequestContext) -> Result<Event, ApiError> {
 
     let session_id = match id_field(obj, &["sessionId", "session_id"])? {
         Some(s) => Some(s),
-        None => match id_field(&context, &["sessionId", "session_id"])? {
+        None => match first_id([
+            ("sessionId", session_camel.as_ref()),
+            ("session_id", session_snake.as_ref()),
+        ])? {
             Some(s) => Some(s),
             None => id_field(&properties, &["session_id", "sessionId"])?,
         },
@@ -699,6 +1010,33 @@ mod fuzz {
                     prop_assert_eq!(back, e);
                 }
                 Err(err) => prop_assert!(!err.message.is_empty()),
+            }
+        }
+
+        /// The text fast path gives exactly what the tree path gives, errors included, with and
+        /// without a batch-level context.
+        #[test]
+        fn normalize_json_agrees_with_normalize(v in arb_json(), batch_context in any::<bool>()) {
+            let mut req = RequestContext { received_at: 1_000, fallback_message_id: "f".into(), ..Default::default() };
+            if batch_context {
+                req.context.insert("sessionId".into(), Value::from("batch-session"));
+                req.context.insert("locale".into(), Value::from("de-DE"));
+            }
+            let text = serde_json::to_string(&v).unwrap();
+            match (normalize(&v, &req), normalize_json(&text, &req)) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(a), Err(b)) => prop_assert_eq!(a.code, b.code),
+                (a, b) => prop_assert!(false, "tree {:?} vs text {:?}", a, b),
+            }
+        }
+
+        /// Every normalized event survives the binary log encoding.
+        #[test]
+        fn log_encoding_round_trips(v in arb_json()) {
+            let req = RequestContext { received_at: 1_000, fallback_message_id: "f".into(), ..Default::default() };
+            if let Ok(e) = normalize(&v, &req) {
+                let entry = crate::LogEntry::Event(e);
+                prop_assert_eq!(crate::LogEntry::decode(&entry.encode()).unwrap(), entry);
             }
         }
 

@@ -3,12 +3,25 @@
 //! Catalogue changes travel through the event log like events do, so the state (catalogue
 //! included) is always a function of the log: a snapshot plus replay restores it, and the Kafka
 //! backend gets the same durability for free.
+//!
+//! ## Log record format
+//!
+//! [`LogEntry::encode`] writes one byte `0xB1` followed by a [postcard] encoding of the entry in
+//! which every JSON object (an event's `properties`, `traits` and `context`, a catalogue item) is
+//! embedded as JSON text. Ingest encodes every event once and the processor decodes it on every
+//! apply and every replay, so the format is chosen for that: decoding reads the fixed fields in
+//! place and parses only `properties` (the one object the engine interprets); `context` and
+//! `traits`, the bulk of a tracker call, stay text. [`LogEntry::decode`] also reads the first
+//! format, one JSON object per record (`{"entry": "event", ...}`), which older logs hold; a JSON
+//! record always starts with `{`, never with `0xB1`.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{ApiError, Code};
-use crate::event::{Event, MAX_ID_LEN};
+use crate::event::{CallType, Event, RawObject, MAX_ID_LEN};
 
 /// A catalogue item as upserted with `PUT /v1/items`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,13 +100,134 @@ impl LogEntry {
         }
     }
 
+    /// The record bytes (see the module docs for the format).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("log entries always serialize")
+        let wire = match self {
+            LogEntry::Event(e) => {
+                let properties = if e.properties.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::to_string(&e.properties).expect("JSON maps serialize")
+                };
+                let event = WireEvent {
+                    call: e.call,
+                    event: e.event.as_str().into(),
+                    message_id: e.message_id.as_str().into(),
+                    user_id: e.user_id.as_deref(),
+                    anonymous_id: e.anonymous_id.as_deref(),
+                    previous_id: e.previous_id.as_deref(),
+                    session_id: e.session_id.as_deref(),
+                    timestamp: e.timestamp,
+                    received_at: e.received_at,
+                    properties: properties.as_str().into(),
+                    traits: e.traits.get().into(),
+                    context: e.context.get().into(),
+                };
+                return encode_wire(&Wire::Event(event));
+            }
+            LogEntry::ItemUpsert(item) => {
+                Wire::ItemUpsert(serde_json::to_string(item).expect("items serialize").into())
+            }
+            LogEntry::ItemDelete { id, timestamp } => Wire::ItemDelete {
+                id: id.as_str().into(),
+                timestamp: *timestamp,
+            },
+        };
+        encode_wire(&wire)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<LogEntry, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Reads a record written by [`encode`](Self::encode), or by the first (JSON) format.
+    pub fn decode(bytes: &[u8]) -> Result<LogEntry, DecodeError> {
+        let Some(body) = bytes.strip_prefix(&[BINARY_V1]) else {
+            return serde_json::from_slice(bytes).map_err(|e| DecodeError(e.to_string()));
+        };
+        let wire: Wire = postcard::from_bytes(body).map_err(|e| DecodeError(e.to_string()))?;
+        let object = |text: &str| -> Result<Map<String, Value>, DecodeError> {
+            if text.is_empty() {
+                return Ok(Map::new());
+            }
+            serde_json::from_str(text).map_err(|e| DecodeError(e.to_string()))
+        };
+        Ok(match wire {
+            Wire::Event(e) => LogEntry::Event(Event {
+                call: e.call,
+                event: e.event.into_owned(),
+                message_id: e.message_id.into_owned(),
+                user_id: e.user_id.map(str::to_owned),
+                anonymous_id: e.anonymous_id.map(str::to_owned),
+                previous_id: e.previous_id.map(str::to_owned),
+                session_id: e.session_id.map(str::to_owned),
+                timestamp: e.timestamp,
+                received_at: e.received_at,
+                properties: object(&e.properties)?,
+                traits: RawObject::from_object_text(&e.traits),
+                context: RawObject::from_object_text(&e.context),
+            }),
+            Wire::ItemUpsert(text) => LogEntry::ItemUpsert(
+                serde_json::from_str(&text).map_err(|e| DecodeError(e.to_string()))?,
+            ),
+            Wire::ItemDelete { id, timestamp } => LogEntry::ItemDelete {
+                id: id.into_owned(),
+                timestamp,
+            },
+        })
     }
+}
+
+/// The first byte of a binary (version 1) log record.
+const BINARY_V1: u8 = 0xB1;
+
+fn encode_wire(wire: &Wire) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(BINARY_V1);
+    postcard::to_io(wire, &mut out).expect("writing to a vector cannot fail");
+    out
+}
+
+/// A log record that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "undecodable log record: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// A log record as encoded: strings borrowed from the record, JSON objects as text.
+#[derive(Serialize, Deserialize)]
+enum Wire<'a> {
+    Event(#[serde(borrow)] WireEvent<'a>),
+    ItemUpsert(#[serde(borrow)] Cow<'a, str>),
+    ItemDelete {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+        timestamp: i64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireEvent<'a> {
+    call: CallType,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    message_id: Cow<'a, str>,
+    user_id: Option<&'a str>,
+    anonymous_id: Option<&'a str>,
+    previous_id: Option<&'a str>,
+    session_id: Option<&'a str>,
+    timestamp: i64,
+    received_at: i64,
+    /// JSON text; empty for no properties.
+    #[serde(borrow)]
+    properties: Cow<'a, str>,
+    #[serde(borrow)]
+    traits: Cow<'a, str>,
+    #[serde(borrow)]
+    context: Cow<'a, str>,
 }
 
 /// Stable 64-bit FNV-1a hash, used for dedup ids: the value is stored on disk, so the algorithm
@@ -147,6 +281,52 @@ mod tests {
             timestamp: 5,
         };
         assert_eq!(LogEntry::decode(&entry.encode()).unwrap(), entry);
+        let item = Item::from_json(&json!({"id": "x", "title": "T", "attributes": {"a": [1, 2]}}))
+            .unwrap();
+        let entry = LogEntry::ItemUpsert(item);
+        assert_eq!(LogEntry::decode(&entry.encode()).unwrap(), entry);
+        let req = crate::RequestContext {
+            received_at: 7,
+            ..Default::default()
+        };
+        let raw = r#"{"type":"track","event":"product_view","userId":"u","messageId":"m",
+            "properties":{"product_id":"p","price":2.5},"traits":{"plan":"pro"},
+            "context":{"sessionId":"s","page":{"url":"https://x"}}}"#;
+        let event = crate::normalize_json(raw, &req).unwrap();
+        assert_eq!(event.session_id.as_deref(), Some("s"));
+        let entry = LogEntry::Event(event);
+        let bytes = entry.encode();
+        assert_eq!(bytes[0], BINARY_V1);
+        let back = LogEntry::decode(&bytes).unwrap();
+        assert_eq!(back, entry);
+        let LogEntry::Event(e) = back else {
+            panic!("an event")
+        };
+        assert_eq!(e.context.to_map()["page"]["url"], "https://x");
+        assert_eq!(e.traits.get(), r#"{"plan":"pro"}"#);
+        assert!(LogEntry::decode(&[BINARY_V1, 9, 9]).is_err());
+    }
+
+    /// Logs written before the binary format hold one JSON object per record.
+    #[test]
+    fn decodes_json_records() {
+        let legacy = br#"{"entry":"event","type":"track","event":"add_to_cart","messageId":"m1",
+            "anonymousId":"a","timestamp":5,"receivedAt":6,"properties":{"product_id":"p"},
+            "context":{"ip":"1.2.3.4"}}"#;
+        let LogEntry::Event(e) = LogEntry::decode(legacy).unwrap() else {
+            panic!("an event")
+        };
+        assert_eq!((e.event.as_str(), e.timestamp, e.received_at), ("add_to_cart", 5, 6));
+        assert_eq!(e.product().unwrap().id, "p");
+        assert_eq!(e.context.to_map()["ip"], "1.2.3.4");
+        let legacy = br#"{"entry":"item_delete","id":"i","timestamp":3}"#;
+        assert_eq!(
+            LogEntry::decode(legacy).unwrap(),
+            LogEntry::ItemDelete {
+                id: "i".into(),
+                timestamp: 3
+            }
+        );
     }
 
     #[test]

@@ -8,5 +8,7 @@ pub mod metrics;
 pub mod time;
 
 pub use error::{ApiError, Code, ErrorType};
-pub use event::{normalize, CallType, Event, EventKind, ProductRef, RequestContext};
+pub use event::{
+    normalize, normalize_json, CallType, Event, EventKind, ProductRef, RawObject, RequestContext,
+};
 pub use item::{stable_hash64, Item, LogEntry};

@@ -178,6 +178,7 @@ pub fn load(
     config.log_backend()?;
     config.state_backend()?;
     config.embedded_log_config()?;
+    config.ingest.validate()?;
     Ok(config)
 }
 
@@ -208,6 +209,44 @@ mod tests {
         assert_eq!(log.dedup_max_entries, d.dedup_max_entries);
         assert_eq!(log.max_pending_bytes, d.max_pending_bytes);
         assert_eq!(log.fsync, d.fsync);
+    }
+
+    #[test]
+    fn sources_replace_the_demo_source_and_are_validated() {
+        let c = load(None, no_env(), toml::Table::new()).unwrap();
+        assert_eq!(
+            c.ingest.sources.len(),
+            1,
+            "the defaults ship the demo source"
+        );
+        assert_eq!(c.ingest.sources[0].write_key, "demo");
+        let env = vec![(
+            "KAIROS_INGEST__SOURCES".to_string(),
+            r#"[{name = "shop", write_key = "k1", allowed_origins = ["https://shop.example"]}]"#
+                .to_string(),
+        )];
+        let c = load(None, env.into_iter(), toml::Table::new()).unwrap();
+        assert_eq!(
+            c.ingest.sources.len(),
+            1,
+            "a configured list replaces the default one"
+        );
+        assert_eq!(c.ingest.sources[0].name, "shop");
+        for (sources, needle) in [
+            (r#"[{name = "a", write_key = ""}]"#, "empty"),
+            (
+                r#"[{name = "a", write_key = "k"}, {name = "b", write_key = "k"}]"#,
+                "another source",
+            ),
+            (
+                r#"[{name = "a", write_key = "k", allowed_origins = ["shop.example"]}]"#,
+                "scheme",
+            ),
+        ] {
+            let env = vec![("KAIROS_INGEST__SOURCES".to_string(), sources.to_string())];
+            let err = load(None, env.into_iter(), toml::Table::new()).unwrap_err();
+            assert!(err.contains(needle), "{sources}: {err}");
+        }
     }
 
     #[test]

@@ -160,8 +160,8 @@ pub fn event_from_row(i: usize, row: &EventRow, ts: i64, category: Option<&str>)
         timestamp: ts,
         received_at: ts,
         properties: props,
-        traits: Map::new(),
-        context: Map::new(),
+        traits: Default::default(),
+        context: Default::default(),
     }
 }
 

@@ -18,7 +18,8 @@
 //! and its clicks are one second apart (DIGINETICA's 187k training sessions span about five months,
 //! roughly one a minute, so time-based settings keep a realistic meaning). Every test prefix then
 //! opens a fresh anonymous visitor whose clicks start one minute after the last training session
-//! and are fed with `learn = false` (only the profile changes: item statistics, relations and the
+//! started (all prefixes at the same time, as if right after training) and are fed with
+//! `learn = false` (only the profile changes: item statistics, relations and the
 //! session model learn nothing from test data), the top `k` over the whole catalogue is requested,
 //! and the label is scored. The default `for_you` filters never drop prefix items (viewed items are
 //! not excluded; nothing is in the cart or bought), so items repeated in the prefix stay rankable.
@@ -155,9 +156,7 @@ impl Metrics {
             }
             self.recommended[i] = true;
         }
-        let rank = label
-            .and_then(|l| rank_of(top, l))
-            .filter(|&r| r <= self.k);
+        let rank = label.and_then(|l| rank_of(top, l)).filter(|&r| r <= self.k);
         self.n += 1;
         self.hits += u64::from(rank.is_some());
         self.reciprocal_ranks += reciprocal_rank(rank);
@@ -239,7 +238,13 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(protocol: &'static str, k: usize, metrics: &Metrics, state: &State, learning: &Learning) -> Report {
+    fn new(
+        protocol: &'static str,
+        k: usize,
+        metrics: &Metrics,
+        state: &State,
+        learning: &Learning,
+    ) -> Report {
         let catalogue_items = state.item_data.iter().filter(|d| d.recommendable()).count();
         let recommended_items = metrics.recommended_items();
         Report {
@@ -284,11 +289,17 @@ impl Report {
             ),
             (
                 "learning".to_owned(),
-                format!("{} events, {:.0} events/s", self.learned_events, self.events_per_sec),
+                format!(
+                    "{} events, {:.0} events/s",
+                    self.learned_events, self.events_per_sec
+                ),
             ),
             (
                 "recommend latency".to_owned(),
-                format!("p50 {:.1} µs, p99 {:.1} µs", self.recommend_p50_us, self.recommend_p99_us),
+                format!(
+                    "p50 {:.1} µs, p99 {:.1} µs",
+                    self.recommend_p50_us, self.recommend_p99_us
+                ),
             ),
         ];
         let optional = [
@@ -358,14 +369,22 @@ impl Progress {
 
     fn advance(&mut self) {
         self.done += 1;
-        if !self.enabled || self.drawn.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+        if !self.enabled
+            || self
+                .drawn
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
             return;
         }
         self.drawn = Some(Instant::now());
         const WIDTH: u64 = 30;
         let total = self.total.max(1);
         let filled = (self.done.min(total) * WIDTH / total) as usize;
-        let bar = format!("{}{}", "#".repeat(filled), " ".repeat(WIDTH as usize - filled));
+        let bar = format!(
+            "{}{}",
+            "#".repeat(filled),
+            " ".repeat(WIDTH as usize - filled)
+        );
         eprint!(
             "\r{} [{bar}] {:5.1}% {}/{}",
             self.label,
@@ -637,7 +656,8 @@ pub fn run_replay(
                 if label.is_some_and(|l| hidden_by_filters(&state, &event, l)) {
                     filtered += 1;
                 }
-                let (user_id, anonymous_id) = (event.user_id.as_deref(), event.anonymous_id.as_deref());
+                let (user_id, anonymous_id) =
+                    (event.user_id.as_deref(), event.anonymous_id.as_deref());
                 let (top, took) = for_you(&state, user_id, anonymous_id, opts.k, recommend);
                 let rank = metrics.record(&top, label, took);
                 if let Some(d) = dump.as_mut() {

@@ -1,7 +1,7 @@
 //! `kairos`: the real-time personalization engine in one binary.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +34,39 @@ enum Command {
     /// `serve` runs, with the effective configuration.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Benchmark a `kairos serve` child on a fresh data directory over HTTP: ingest, serve,
+    /// freshness, memory and recovery, each beside its ceiling measured in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Small scale (20k users, 5k items), under a minute: a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Also print the report as one JSON object on the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Scenarios to run (comma-separated or repeated): ingest, serve, freshness, memory,
+    /// recovery [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = parse_scenario)]
+    scenario: Vec<kairos::bench::Scenario>,
+    /// Directory under which the scratch data directory is created; its disk is the one
+    /// measured [default: the system temp directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seed of the synthetic traffic.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Keep the scratch data directory and the server's log.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_scenario(s: &str) -> Result<kairos::bench::Scenario, String> {
+    kairos::bench::Scenario::parse(s).ok_or_else(|| {
+        format!("unknown scenario {s:?}; use ingest, serve, freshness, memory or recovery")
+    })
 }
 
 #[derive(Subcommand)]
@@ -131,6 +164,43 @@ fn flags_table(args: &ServeArgs) -> toml::Table {
     t
 }
 
+/// `kairos eval`: the effective configuration (file, KAIROS_* variables), one protocol, the
+/// table and, with `--json`, the JSON line.
+fn run_eval(config_file: Option<&Path>, cmd: &EvalCommand) -> Result<(), String> {
+    let c = config::load(config_file, std::env::vars(), toml::Table::new())?;
+    let (report, common) = match cmd {
+        EvalCommand::Sessions {
+            train,
+            test,
+            common,
+        } => (
+            eval::run_sessions(&c.model, &c.recommend, train, test, &common.options())?,
+            common,
+        ),
+        EvalCommand::Replay {
+            events,
+            items,
+            test_events,
+            score_from,
+            common,
+        } => {
+            let input = ReplayInput {
+                events: events.clone(),
+                items: items.clone(),
+                test_events: test_events.clone(),
+                score_from: *score_from,
+            };
+            let report = eval::run_replay(&c.model, &c.recommend, &input, &common.options())?;
+            (report, common)
+        }
+    };
+    print!("{}", report.table());
+    if common.json {
+        println!("{}", report.json());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -157,39 +227,23 @@ fn main() -> ExitCode {
                 )
             })
         }
-        Command::Eval(cmd) => config::load(cli.config.as_deref(), std::env::vars(), toml::Table::new())
-            .and_then(|c| {
-                let (report, json) = match &cmd {
-                    EvalCommand::Sessions { train, test, common } => (
-                        eval::run_sessions(&c.model, &c.recommend, train, test, &common.options()),
-                        common.json,
-                    ),
-                    EvalCommand::Replay {
-                        events,
-                        items,
-                        test_events,
-                        score_from,
-                        common,
-                    } => {
-                        let input = ReplayInput {
-                            events: events.clone(),
-                            items: items.clone(),
-                            test_events: test_events.clone(),
-                            score_from: *score_from,
-                        };
-                        (
-                            eval::run_replay(&c.model, &c.recommend, &input, &common.options()),
-                            common.json,
-                        )
-                    }
-                };
-                let report = report?;
+        Command::Eval(cmd) => run_eval(cli.config.as_deref(), &cmd),
+        Command::Bench(args) => {
+            let options = kairos::bench::BenchOptions {
+                quick: args.quick,
+                scenarios: args.scenario,
+                config: cli.config.clone(),
+                dir: args.dir,
+                seed: args.seed,
+                keep: args.keep,
+            };
+            kairos::bench::run(&options).map(|report| {
                 print!("{}", report.table());
-                if json {
+                if args.json {
                     println!("{}", report.json());
                 }
-                Ok(())
-            }),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,7 +85,13 @@ impl Node {
                     "log replayed; node ready"
                 );
                 thread_app.set_ready(true);
-                processor.run(thread_stop)
+                let result = processor.run(thread_stop);
+                if let Err(e) = &result {
+                    // Reads would silently serve a frozen state: report the node as not ready.
+                    thread_app.set_ready(false);
+                    tracing::error!(error = %e, "processor stopped");
+                }
+                result
             })
             .map_err(|e| format!("starting processor thread: {e}"))?;
         Ok(Node {

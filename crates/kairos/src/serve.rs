@@ -66,8 +66,13 @@ pub fn run(config: Config, options: ServeOptions) -> Result<(), String> {
             }
         }
     }
-    let router = node.router();
+    let router = if options.demo {
+        kairos_api::with_demo_shop(node.router())
+    } else {
+        node.router()
+    };
     let listen = config.listen;
+    let demo = options.demo;
     let timeout = Duration::from_secs(config.shutdown_timeout_secs);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -77,6 +82,9 @@ pub fn run(config: Config, options: ServeOptions) -> Result<(), String> {
         tracing::info!(%local, data_dir = %config.data_dir.display(), "kairos listening");
         // Machine-readable line for scripts and tests that start on port 0.
         println!("kairos listening on http://{local}");
+        if demo {
+            tracing::info!("demo shop: http://{local}/demo");
+        }
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown_signal());
         server.await.map_err(|e| format!("server error: {e}"))
     })?;

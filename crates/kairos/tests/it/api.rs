@@ -460,6 +460,11 @@ async fn every_endpoint_and_error_code() {
         assert!(text.contains(metric), "missing {metric} in\n{text}");
     }
 
+    // Write keys, origins and an overloaded log (details in web.rs).
+    for (resp, status, code) in crate::web::access_error_cases(&node).await {
+        assert_error(&resp, status, code, &mut seen);
+    }
+
     // Not ready: readiness is reported as an error.
     node.node().app.set_ready(false);
     assert_error(&node.get("/readyz").await, 503, Code::NotReady, &mut seen);
@@ -636,4 +641,73 @@ fn error_docs_match_the_code_table() {
         actual, expected,
         "docs/ERRORS.md is out of date; regenerate with KAIROS_UPDATE_GOLDEN=1"
     );
+}
+
+/// `POST /v1/validate` judges a batch exactly as `/v1/batch` does, event by event, and stores
+/// nothing: no log record, no profile, no accepted-events count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_checks_a_batch_and_stores_nothing() {
+    let dir = TempDir::new("validate");
+    let node = TestNode::start(dir.path(), "");
+    let batch = json!({"batch": [
+        view("anon-v", "a", 1_000_000, "v1"),
+        {"type": "track", "event": "product_view", "anonymousId": "anon-v"},
+        {"type": "bogus", "anonymousId": "anon-v"},
+        {"type": "track", "event": "add_to_cart", "anonymousId": "anon-v",
+         "properties": {"product_id": "b"}, "context": {"sessionId": "s1", "page": {"url": "/b"}}},
+    ]});
+    let (s, verdict) = node.post("/v1/validate", &batch).await;
+    assert_eq!(s, StatusCode::OK, "{verdict}");
+    assert_eq!(verdict["valid"], 2, "{verdict}");
+    let codes = |v: &Value| -> Vec<(u64, String)> {
+        v["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["index"].as_u64().unwrap(),
+                    r["code"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        codes(&verdict),
+        [
+            (1, "missing_product_id".to_owned()),
+            (2, "invalid_event_type".to_owned()),
+        ]
+    );
+    assert_eq!(node.node().log.committed_seq(), 0);
+    let (_, profile) = node.get("/v1/profiles?anonymous_id=anon-v").await;
+    assert_eq!(profile["exists"], false, "{profile}");
+    let (_, metrics) = node.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains("kairos_events_accepted_total 0"),
+        "{metrics}"
+    );
+
+    // The envelope is checked like /v1/batch's.
+    let (s, body) = node.post("/v1/validate", &json!({"batch": []})).await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("empty_batch")));
+    let (s, body) = node
+        .request(
+            axum::http::Method::POST,
+            "/v1/validate",
+            Some(b"{\"batch\": [".to_vec()),
+            Some("application/json"),
+        )
+        .await;
+    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("malformed_json")));
+
+    // The same batch sent for real stores exactly the events validate called valid.
+    let (s, body) = node.post("/v1/batch", &batch).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["accepted"], verdict["valid"]);
+    assert_eq!(codes(&body), codes(&verdict));
+    let (_, profile) = node.get("/v1/profiles?anonymous_id=anon-v").await;
+    assert_eq!(profile["exists"], true, "{profile}");
+    assert_eq!(profile["session_id"], "s1", "{profile}");
 }

@@ -5,8 +5,13 @@
 //!   and with restarts in the middle.
 //! - `crash`: a child `kairos serve` is killed with SIGKILL under concurrent ingest, several times;
 //!   every acknowledged event is in the log exactly once and the state equals a clean replay.
+//! - `web`: what browsers see: write keys, allowed origins and CORS, 429 with `Retry-After`, the
+//!   tracker bundles and demo shop served by the binary, the catalogue listing.
+//! - `eval`: `kairos eval` on hand-checked fixtures, its CLI output and determinism.
 
 mod api;
 mod crash;
+mod eval;
 mod golden;
 mod support;
+mod web;
