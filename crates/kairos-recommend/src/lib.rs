@@ -608,13 +608,17 @@ fn attribute_stats(state: &State) -> std::sync::Arc<AttributeStats> {
     let seq = state.counters.entries_applied;
     let cache = &state.caches.attributes;
     if let Some(stats) = cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        if stats.seq == seq || state.clock.saturating_sub(stats.clock) < refresh_ms {
+        let same_catalog = stats.catalog_version == state.catalog_version();
+        if stats.seq == seq
+            || (same_catalog && state.clock.saturating_sub(stats.clock) < refresh_ms)
+        {
             return stats.clone();
         }
     }
     let mut stats = AttributeStats {
         clock: state.clock,
         seq,
+        catalog_version: state.catalog_version(),
         category_mass: vec![0.0; state.categories.len()],
         brand_mass: vec![0.0; state.brands.len()],
         category_top: vec![Vec::new(); state.categories.len()],
@@ -703,7 +707,9 @@ fn ranked_list(
     {
         let guard = cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = guard.get(&category) {
-            let fresh = c.seq == seq || state.clock.saturating_sub(c.clock) < refresh_ms;
+            let same_catalog = c.catalog_version == state.catalog_version();
+            let fresh =
+                c.seq == seq || (same_catalog && state.clock.saturating_sub(c.clock) < refresh_ms);
             if fresh {
                 state.caches.hits.fetch_add(1, AtomicOrdering::Relaxed);
                 return c.items.clone();
@@ -720,6 +726,7 @@ fn ranked_list(
         let list = CachedList {
             clock: state.clock,
             seq,
+            catalog_version: state.catalog_version(),
             items,
         };
         guard.insert(key, list);

@@ -69,6 +69,8 @@ pub struct CachedList {
     /// The engine clock ([`State::clock`]) when the list was computed.
     pub clock: i64,
     pub seq: u64,
+    /// [`State::catalog_version`] when computed: a catalogue change always invalidates.
+    pub catalog_version: u64,
     pub items: Vec<(u32, f32)>,
 }
 
@@ -79,6 +81,7 @@ pub struct AttributeStats {
     /// The engine clock ([`State::clock`]) and the applied entries when computed.
     pub clock: i64,
     pub seq: u64,
+    pub catalog_version: u64,
     /// Decayed interaction mass per category (dense by index), and its total.
     pub category_mass: Vec<f32>,
     pub category_total: f32,
@@ -512,6 +515,12 @@ impl State {
         }
         self.sessions.observe(session_key, item, ts, w);
         item
+    }
+
+    /// Changes whenever the catalogue changes (an upsert or a delete), so cached lists that are
+    /// otherwise refreshed on event time never hide a catalogue change on a quiet server.
+    pub fn catalog_version(&self) -> u64 {
+        self.counters.catalog_upserts + self.counters.catalog_deletes
     }
 
     /// Approximate heap bytes of the profiles and of the items (catalogue, stats, relations).

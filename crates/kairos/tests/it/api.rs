@@ -711,3 +711,20 @@ async fn validate_checks_a_batch_and_stores_nothing() {
     assert_eq!(profile["exists"], true, "{profile}");
     assert_eq!(profile["session_id"], "s1", "{profile}");
 }
+
+/// Cached fallback lists are reused for a while of event time, but a catalogue change always
+/// shows: a brand-new shop serves its catalogue as soon as it is uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_changes_refresh_cached_lists() {
+    let dir = TempDir::new("catalog-cache");
+    let node = TestNode::start(dir.path(), "[model]\ntrending_refresh_ms = 3600000\n");
+    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    assert_eq!(ids(&rec), Vec::<String>::new(), "{rec}");
+    node.put("/v1/items", &json!([{"id": "new-1"}, {"id": "new-2"}])).await;
+    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    assert_eq!(ids(&rec), ["new-1", "new-2"], "{rec}");
+    node.delete("/v1/items/new-1").await;
+    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    assert_eq!(ids(&rec), ["new-2"], "{rec}");
+    node.shutdown();
+}
