@@ -196,8 +196,8 @@ impl AppState {
 
     /// Read-your-writes for a read that names a person (`ids`: the user id and/or anonymous id
     /// it gives): wait until the state reflects that person's acknowledged events and every
-    /// catalogue change (see [`pending`]), then, briefly, for everything else acknowledged before
-    /// the read.
+    /// catalogue change (see [`pending`]), then at most `read_others_writes_timeout_ms` for
+    /// everything else acknowledged before the read.
     pub async fn wait_applied_for(&self, ids: &[&str]) {
         if ids.is_empty() {
             return self.wait_applied().await;
@@ -205,8 +205,10 @@ impl AppState {
         let everything = self.log.committed_seq();
         self.wait_for(self.pending.target(ids.iter().copied()))
             .await;
-        let others = Duration::from_millis(self.api.read_others_writes_timeout_ms);
-        self.watermark.wait_for(everything, others).await;
+        if self.api.read_others_writes_timeout_ms > 0 {
+            let others = Duration::from_millis(self.api.read_others_writes_timeout_ms);
+            self.watermark.wait_for(everything, others).await;
+        }
     }
 
     async fn wait_for(&self, target: u64) {

@@ -65,7 +65,10 @@ mod tests {
     fn a_read_waits_for_its_own_keys_and_the_catalogue() {
         let p = PendingWrites::default();
         assert_eq!(p.target(["u1"]), 0);
-        let (u1, a9) = (PendingWrites::bucket_of("u1"), PendingWrites::bucket_of("a9"));
+        let (u1, a9) = (
+            PendingWrites::bucket_of("u1"),
+            PendingWrites::bucket_of("a9"),
+        );
         p.note_event(u1, 7);
         p.note_event(u1, 5);
         p.note_event(a9, 11);

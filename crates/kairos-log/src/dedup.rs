@@ -180,7 +180,7 @@ impl DedupSet {
         }
     }
 
-/// Rebuilds the set on open from records found in the log. `clock_ms` is
+    /// Rebuilds the set on open from records found in the log. `clock_ms` is
     /// the newest timestamp in the log; `candidates` need not be sorted.
     pub(crate) fn restore(&mut self, clock_ms: Option<i64>, mut candidates: Vec<DedupCandidate>) {
         self.clock_ms = clock_ms;

@@ -134,6 +134,10 @@ impl ProcessorMetrics {
 /// Entries applied per acquisition of the state's write lock (about 100-200 µs of work).
 const APPLY_CHUNK: usize = 64;
 
+/// Work the processor does on the state after applying (under a read lock, so reads go on):
+/// refreshing derived caches off the request path.
+pub type Maintenance = Box<dyn Fn(&kairos_state::State) + Send>;
+
 /// Reads the log in global order and applies it to the state.
 pub struct Processor {
     log: Arc<dyn EventLog>,
@@ -150,6 +154,7 @@ pub struct Processor {
     entries: Vec<(LogPosition, LogEntry)>,
     /// The snapshot being written in the background, and when it was started.
     snapshot_job: Option<(SnapshotJob, Instant)>,
+    maintenance: Option<Maintenance>,
 }
 
 impl Processor {
@@ -186,7 +191,14 @@ impl Processor {
             records: Vec::new(),
             entries: Vec::new(),
             snapshot_job: None,
+            maintenance: None,
         }
+    }
+
+    /// Runs `work` on the state after every round that applied something, once live (not while
+    /// replaying the log at start; see [`Maintenance`]).
+    pub fn set_maintenance(&mut self, work: Maintenance) {
+        self.maintenance = Some(work);
     }
 
     /// Applies every record committed so far. Returns how many entries were applied.
@@ -302,11 +314,7 @@ impl Processor {
         let Some((mut job, started)) = self.snapshot_job.take() else {
             return;
         };
-        let result = if block {
-            Some(job.wait())
-        } else {
-            job.poll()
-        };
+        let result = if block { Some(job.wait()) } else { job.poll() };
         match result {
             None => self.snapshot_job = Some((job, started)),
             Some(Ok(info)) => self.snapshot_written(info, started),
@@ -346,6 +354,12 @@ impl Processor {
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<(), String> {
         while !stop.load(Ordering::Acquire) {
             let applied = self.step()?;
+            // Live only: while replaying at start nobody reads, and event time runs fast.
+            if applied > 0 {
+                if let Some(work) = &self.maintenance {
+                    work(&self.store.read());
+                }
+            }
             self.finish_snapshot(false);
             if self.snapshot_due() {
                 self.begin_snapshot();

@@ -573,13 +573,22 @@ fn affinities(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Can
     if cfg.affinity_boost > 0.0 {
         let mut boosted = false;
         for (&item, score) in cands.scores.iter_mut() {
-            let data = state.item(item);
-            let lift = data
-                .categories
-                .iter()
-                .filter_map(|&c| cat_pref.lift(c))
-                .chain(data.brand.and_then(|b| brand_pref.lift(b)))
-                .reduce(f32::max);
+            let facets = state.facets(item);
+            let brand_lift = facets.brand().and_then(|b| brand_pref.lift(b));
+            let lift = match facets.category() {
+                Some(category) => category
+                    .and_then(|c| cat_pref.lift(c))
+                    .into_iter()
+                    .chain(brand_lift)
+                    .reduce(f32::max),
+                None => state
+                    .item(item)
+                    .categories
+                    .iter()
+                    .filter_map(|&c| cat_pref.lift(c))
+                    .chain(brand_lift)
+                    .reduce(f32::max),
+            };
             if let Some(lift) = lift {
                 *score *= if cfg.affinity_boost == 1.0 {
                     lift
@@ -734,16 +743,26 @@ fn ranked_list(
     wanted
 }
 
+/// Brings the cached lists reads depend on (trending and popular, globally and per category, and
+/// the population's category and brand mass) up to date if they are stale. The processor calls
+/// it after applying, so that the catalogue scans behind these lists run on its thread, not
+/// inside a request holding the state's read lock, which would hold up the processor's next
+/// write and every read queued behind it.
+pub fn refresh_caches(state: &State, cfg: &RecommendConfig) {
+    attribute_stats(state);
+    ranked_list(state, None, ListKind::Trending, cfg);
+    ranked_list(state, None, ListKind::Popular, cfg);
+}
+
+/// A ranked list and its category (`None`: global).
+type KeyedList = (Option<u32>, Vec<(u32, f32)>);
+
 /// Every list of one kind at once, the global one and one per category, in a single pass over
 /// the catalogue. A stale per-category list used to be recomputed on its own, each a pass over
 /// every item: with a thousand categories asked for in turn (the fallback of `similar` is the
 /// item's category) that was hundreds of catalogue scans a second under the state's read lock,
 /// which the processor's writes queue behind, and every read behind them.
-fn all_ranked_lists(
-    state: &State,
-    kind: ListKind,
-    cfg: &RecommendConfig,
-) -> Vec<(Option<u32>, Vec<(u32, f32)>)> {
+fn all_ranked_lists(state: &State, kind: ListKind, cfg: &RecommendConfig) -> Vec<KeyedList> {
     let factors = match kind {
         ListKind::Trending => kairos_state::items::trending_factors(&state.config),
         ListKind::Popular => Vec::new(),
@@ -758,7 +777,8 @@ fn all_ranked_lists(
             ListKind::Trending => d.stats.trending_with(state.clock, &factors, &state.config),
             ListKind::Popular => popularity_score(state, d),
         };
-        if !(s > 0.0) {
+        // `> 0.0` also leaves out NaN.
+        if s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             continue;
         }
         global.push((i as u32, s));

@@ -125,7 +125,17 @@ mod tests {
     #[test]
     fn tiny_intervals_decay_by_exactly_one() {
         let h = 30 * 24 * 3_600_000i64;
-        for dt in [1, 10, 77, (h >> 25) - 1, h >> 25, (h >> 25) + 1, h >> 24, h / 7, h] {
+        for dt in [
+            1,
+            10,
+            77,
+            (h >> 25) - 1,
+            h >> 25,
+            (h >> 25) + 1,
+            h >> 24,
+            h / 7,
+            h,
+        ] {
             let exact = (-(dt as f64) / h as f64).exp2() as f32;
             assert_eq!(super::decay_factor(dt, h), exact, "dt {dt}");
         }

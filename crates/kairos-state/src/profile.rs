@@ -306,7 +306,8 @@ impl Profiles {
     pub fn heap_bytes(&self) -> usize {
         let table = self.index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1);
         let keys: usize = self.index.keys().map(|k| k.len()).sum();
-        let slots = self.slots.capacity() * std::mem::size_of::<Profile>() + self.free.capacity() * 4;
+        let slots =
+            self.slots.capacity() * std::mem::size_of::<Profile>() + self.free.capacity() * 4;
         let heap: usize = self.values().map(Profile::heap_bytes).sum();
         table + keys + slots + heap
     }
@@ -354,7 +355,10 @@ impl<'de> Deserialize<'de> for Profiles {
                 f.write_str("a map of profiles")
             }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Profiles, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Profiles, A::Error> {
                 let mut profiles = Profiles::default();
                 if let Some(n) = map.size_hint() {
                     profiles.index.reserve(n);

@@ -588,14 +588,7 @@ impl SessionModel {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             scratch.prepare(items);
-            self.score_with(
-                &mut scratch,
-                exclude_key,
-                exclude_identical,
-                q,
-                now_ms,
-                out,
-            );
+            self.score_with(&mut scratch, exclude_key, exclude_identical, q, now_ms, out);
             scratch.reset();
         });
     }
@@ -640,7 +633,8 @@ impl SessionModel {
             e.query_pos = p as u32 + 1;
             e.query_weight = w;
         }
-        s.query.sort_unstable_by_key(|&it| s.items[it as usize].query_pos);
+        s.query
+            .sort_unstable_by_key(|&it| s.items[it as usize].query_pos);
 
         // 1. Candidates: every retained session sharing an item with the query, with its
         //    similarity accumulated straight from the posting lists (no session is read).
@@ -670,10 +664,10 @@ impl SessionModel {
             });
         }
         // 2. Keep the most recent `sample_size`.
-        let by_recency =
-            |a: &Candidate, b: &Candidate| (b.last_ts, b.seq).cmp(&(a.last_ts, a.seq));
+        let by_recency = |a: &Candidate, b: &Candidate| (b.last_ts, b.seq).cmp(&(a.last_ts, a.seq));
         if s.ranked.len() > cfg.sample_size && cfg.sample_size > 0 {
-            s.ranked.select_nth_unstable_by(cfg.sample_size - 1, by_recency);
+            s.ranked
+                .select_nth_unstable_by(cfg.sample_size - 1, by_recency);
             s.ranked.truncate(cfg.sample_size);
         }
 
@@ -685,7 +679,11 @@ impl SessionModel {
                 let len = rec.clicks.len();
                 if exclude_identical
                     && len <= n
-                    && rec.clicks.iter().map(|c| c.0).eq(q[n - len..].iter().copied())
+                    && rec
+                        .clicks
+                        .iter()
+                        .map(|c| c.0)
+                        .eq(q[n - len..].iter().copied())
                 {
                     return false;
                 }
@@ -984,7 +982,7 @@ mod tests {
         assert_eq!(rule(&m, 1, 3), Some(0.5));
         assert_eq!(rule(&m, 1, 4), None); // beyond sr_steps
         assert_eq!(rule(&m, 2, 1), None); // rules are directed
-                                              // Event weights scale the rule towards the weighted item.
+                                          // Event weights scale the rule towards the weighted item.
         m.observe(2, 7, 0, 1.0);
         m.observe(2, 8, 1, 3.0);
         assert_eq!(rule(&m, 7, 8), Some(3.0));

@@ -14,7 +14,7 @@ use kairos_types::{stable_hash64, Event, EventKind, Item, LogEntry};
 
 use crate::config::StateConfig;
 use crate::intern::Interner;
-use crate::items::{Counted, ItemData};
+use crate::items::{Counted, ItemData, ItemFacets};
 use crate::profile::{Action, Interaction, Profile, Profiles};
 use crate::session_model::SessionModel;
 
@@ -110,6 +110,9 @@ pub struct State {
     pub config: StateConfig,
     pub items: Interner,
     pub item_data: Vec<ItemData>,
+    /// Category and brand of every item, densely (see [`ItemFacets`]); kept in step with
+    /// `item_data`.
+    pub facets: Vec<ItemFacets>,
     pub categories: Interner,
     pub brands: Interner,
     /// Profiles by user key: `u:<userId>` for known users, `a:<anonymousId>` for anonymous ones.
@@ -162,6 +165,7 @@ impl State {
             config,
             items: Interner::default(),
             item_data: Vec::new(),
+            facets: Vec::new(),
             categories: Interner::default(),
             brands: Interner::default(),
             users: Profiles::default(),
@@ -227,11 +231,17 @@ impl State {
         &self.item_data[idx as usize]
     }
 
+    /// The category and brand of item `idx`, from the dense array (see [`ItemFacets`]).
+    pub fn facets(&self, idx: u32) -> ItemFacets {
+        self.facets[idx as usize]
+    }
+
     fn intern_item(&mut self, id: &str) -> u32 {
         let idx = self.items.intern(id);
         if idx as usize >= self.item_data.len() {
             self.item_data
                 .resize_with(idx as usize + 1, ItemData::default);
+            self.facets.resize(idx as usize + 1, ItemFacets::default());
         }
         idx
     }
@@ -256,6 +266,7 @@ impl State {
         }
         data.catalog = Some(Box::new(item.clone()));
         data.deleted = false;
+        self.facets[idx as usize] = ItemFacets::of(data);
         self.counters.catalog_upserts += 1;
     }
 
@@ -453,6 +464,7 @@ impl State {
                 if let Some(price) = p.price {
                     data.price = Some(price as f32);
                 }
+                self.facets[item as usize] = ItemFacets::of(data);
             }
         }
         let cfg = &self.config;
@@ -531,6 +543,7 @@ impl State {
             .iter()
             .map(|d| std::mem::size_of::<ItemData>() + d.heap_bytes())
             .sum::<usize>()
+            + self.facets.capacity() * std::mem::size_of::<ItemFacets>()
             + self.items.heap_bytes();
         StateMemory {
             users: self.users.len(),

@@ -316,7 +316,10 @@ mod tests {
         let LogEntry::Event(e) = LogEntry::decode(legacy).unwrap() else {
             panic!("an event")
         };
-        assert_eq!((e.event.as_str(), e.timestamp, e.received_at), ("add_to_cart", 5, 6));
+        assert_eq!(
+            (e.event.as_str(), e.timestamp, e.received_at),
+            ("add_to_cart", 5, 6)
+        );
         assert_eq!(e.product().unwrap().id, "p");
         assert_eq!(e.context.to_map()["ip"], "1.2.3.4");
         let legacy = br#"{"entry":"item_delete","id":"i","timestamp":3}"#;

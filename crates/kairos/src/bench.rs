@@ -332,7 +332,8 @@ async fn stream_traffic(
     let start_ms = kairos_types::time::now_ms();
     let handles: Vec<_> = (0..workers as u64)
         .map(|w| {
-            let mut traffic = Traffic::new(shop.clone(), seed ^ (w << 32), visitors(w), 64, start_ms);
+            let mut traffic =
+                Traffic::new(shop.clone(), seed ^ (w << 32), visitors(w), 64, start_ms);
             let ids = Arc::clone(ids);
             tokio::spawn(async move {
                 let mut result = RunResult::default();
@@ -586,12 +587,26 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
     }
 
     if wants(Scenario::Ingest) {
-        ingest_runs(&runtime, addr, &shop, &plan, opts.seed, &ids, &mut report, started)?;
+        ingest_runs(
+            &runtime,
+            addr,
+            &shop,
+            &plan,
+            opts.seed,
+            &ids,
+            &mut report,
+            started,
+        )?;
     }
 
     if wants(Scenario::Serve) || wants(Scenario::Freshness) {
         let stop = Arc::new(AtomicBool::new(false));
-        let pool = ingest_pool(&shop, opts.seed ^ 0xb6, BACKGROUND_BATCH, plan.pool_events / 4);
+        let pool = ingest_pool(
+            &shop,
+            opts.seed ^ 0xb6,
+            BACKGROUND_BATCH,
+            plan.pool_events / 4,
+        );
         let background = runtime.spawn(load::run(
             addr,
             post_jobs("/v1/batch", &pool, 8, &ids),
@@ -600,10 +615,27 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
         ));
         std::thread::sleep(Duration::from_millis(500));
         if wants(Scenario::Serve) {
-            serve_runs(&runtime, addr, &shop, &plan, opts.seed, &mut report, started)?;
+            serve_runs(
+                &runtime,
+                addr,
+                &shop,
+                &plan,
+                opts.seed,
+                &mut report,
+                started,
+            )?;
         }
         if wants(Scenario::Freshness) {
-            freshness(&runtime, addr, &shop, &plan, opts.seed, &ids, &mut report, started)?;
+            freshness(
+                &runtime,
+                addr,
+                &shop,
+                &plan,
+                opts.seed,
+                &ids,
+                &mut report,
+                started,
+            )?;
         }
         stop.store(true, Ordering::Relaxed);
         let background = runtime
@@ -616,19 +648,25 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
 
     if wants(Scenario::Recovery) {
         server = recovery(
-            &runtime, server, &launch, &data_dir, &server_log, &shop, &plan, opts, &ids,
-            &mut report, started,
+            &runtime,
+            server,
+            &launch,
+            &data_dir,
+            &server_log,
+            &shop,
+            &plan,
+            opts,
+            &ids,
+            &mut report,
+            started,
         )?;
     }
     server.terminate()?;
 
     if wants(Scenario::Recovery) {
-        let config = crate::config::load(
-            opts.config.as_deref(),
-            std::env::vars(),
-            toml::Table::new(),
-        )?
-        .embedded_log_config()?;
+        let config =
+            crate::config::load(opts.config.as_deref(), std::env::vars(), toml::Table::new())?
+                .embedded_log_config()?;
         let read = disk::read_log(&data_dir.join("log"), config, 1024)?;
         report.log_read_secs = Some(read.elapsed.as_secs_f64());
         report.log_read_events_per_sec = Some(read.records_per_sec());
@@ -1023,10 +1061,7 @@ impl Report {
                     self.disk_append_fsync_mb_per_sec.unwrap_or(0.0),
                     opt_rate(self.disk_ceiling_events_per_sec)
                 ),
-                ratio(
-                    self.ingest_events_per_sec,
-                    self.disk_ceiling_events_per_sec,
-                ),
+                ratio(self.ingest_events_per_sec, self.disk_ceiling_events_per_sec),
             ]);
         }
         if self.serve_p99_us.is_some() {
@@ -1044,10 +1079,7 @@ impl Report {
             rows.push([
                 "for_you max".to_owned(),
                 format!("{} req/s", opt_rate(self.serve_max_rps)),
-                format!(
-                    "{} req/s empty handler",
-                    opt_rate(self.serve_ceiling_rps)
-                ),
+                format!("{} req/s empty handler", opt_rate(self.serve_ceiling_rps)),
                 ratio(self.serve_max_rps, self.serve_ceiling_rps),
             ]);
             rows.push([
@@ -1064,10 +1096,7 @@ impl Report {
             rows.push([
                 "similar max".to_owned(),
                 format!("{} req/s", opt_rate(self.similar_max_rps)),
-                format!(
-                    "{} req/s empty handler",
-                    opt_rate(self.serve_ceiling_rps)
-                ),
+                format!("{} req/s empty handler", opt_rate(self.serve_ceiling_rps)),
                 ratio(self.similar_max_rps, self.serve_ceiling_rps),
             ]);
         }
@@ -1109,12 +1138,7 @@ impl Report {
             ]);
         }
         let widths: Vec<usize> = (0..4)
-            .map(|c| {
-                rows.iter()
-                    .map(|r| r[c].chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();
         let mut out = format!(
             "Kairos bench ({}): {} cores ({}), {} users / {} items of state, {:.0} B per event, {:.0} s\n",

@@ -11,7 +11,11 @@ use kairos::eval::{self, EvalOptions, ReplayInput};
 use kairos::serve::{self, ServeOptions};
 
 #[derive(Parser)]
-#[command(name = "kairos", version, about = "Kairos: real-time personalization engine (tracker ingest, durable event log, stream processor, state and recommendation API in one binary)")]
+#[command(
+    name = "kairos",
+    version,
+    about = "Kairos: real-time personalization engine (tracker ingest, durable event log, stream processor, state and recommendation API in one binary)"
+)]
 struct Cli {
     /// TOML configuration file (overrides the built-in defaults; see `kairos config --default`).
     #[arg(long, global = true, env = "KAIROS_CONFIG")]
@@ -158,7 +162,10 @@ fn flags_table(args: &ServeArgs) -> toml::Table {
         }
     };
     set("listen", args.listen.clone());
-    set("data_dir", args.data_dir.as_ref().map(|p| p.display().to_string()));
+    set(
+        "data_dir",
+        args.data_dir.as_ref().map(|p| p.display().to_string()),
+    );
     set("log", args.log.clone());
     set("state", args.state.clone());
     t
@@ -209,23 +216,27 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Config { default: false } => {
-            config::load(cli.config.as_deref(), std::env::vars(), toml::Table::new()).and_then(|c| {
-                toml::to_string(&c)
-                    .map(|s| print!("{s}"))
-                    .map_err(|e| e.to_string())
-            })
+            config::load(cli.config.as_deref(), std::env::vars(), toml::Table::new()).and_then(
+                |c| {
+                    toml::to_string(&c)
+                        .map(|s| print!("{s}"))
+                        .map_err(|e| e.to_string())
+                },
+            )
         }
         Command::Serve(args) => {
-            config::load(cli.config.as_deref(), std::env::vars(), flags_table(&args)).and_then(|c| {
-                serve::init_tracing(&c.log_format, &c.log_level);
-                serve::run(
-                    c,
-                    ServeOptions {
-                        demo: args.demo,
-                        demo_data: args.demo_data,
-                    },
-                )
-            })
+            config::load(cli.config.as_deref(), std::env::vars(), flags_table(&args)).and_then(
+                |c| {
+                    serve::init_tracing(&c.log_format, &c.log_level);
+                    serve::run(
+                        c,
+                        ServeOptions {
+                            demo: args.demo,
+                            demo_data: args.demo_data,
+                        },
+                    )
+                },
+            )
         }
         Command::Eval(cmd) => run_eval(cli.config.as_deref(), &cmd),
         Command::Bench(args) => {

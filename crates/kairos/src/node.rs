@@ -71,6 +71,14 @@ impl Node {
             watermark,
             metrics,
         );
+        // With a refresh period, the cached lists are refreshed by the processor rather than by
+        // whichever read finds them stale (with none, every read recomputes, as tests want).
+        if config.model.trending_refresh_ms > 0 {
+            let recommend = config.recommend.clone();
+            processor.set_maintenance(Box::new(move |state| {
+                kairos_recommend::refresh_caches(state, &recommend)
+            }));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread_app = app.clone();

@@ -83,11 +83,7 @@ impl LogRead {
 
 /// Reads every retained record of the log in `dir` (which no server may hold open), partition by
 /// partition, in the processor's read size.
-pub fn read_log(
-    dir: &Path,
-    config: EmbeddedLogConfig,
-    batch: usize,
-) -> Result<LogRead, String> {
+pub fn read_log(dir: &Path, config: EmbeddedLogConfig, batch: usize) -> Result<LogRead, String> {
     let log = EmbeddedLog::open(dir, config)
         .map_err(|e| format!("opening event log {}: {e}", dir.display()))?;
     let started = Instant::now();

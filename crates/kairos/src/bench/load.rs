@@ -146,7 +146,9 @@ pub async fn run(addr: SocketAddr, jobs: Vec<Job>, schedule: Schedule, until: Un
             Ok(r) => total.merge(r),
             Err(e) => {
                 total.errors += 1;
-                total.first_error.get_or_insert(format!("worker failed: {e}"));
+                total
+                    .first_error
+                    .get_or_insert(format!("worker failed: {e}"));
             }
         }
     }

@@ -83,7 +83,7 @@ pub fn human_rate(x: f64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -107,7 +107,10 @@ mod tests {
         assert_eq!(l.percentile(100.0), 1000);
         assert_eq!(l.percentile(0.0), 1);
         let s = l.summary();
-        assert_eq!((s.p50_us, s.p99_us, s.p999_us, s.count), (500, 990, 999, 1000));
+        assert_eq!(
+            (s.p50_us, s.p99_us, s.p999_us, s.count),
+            (500, 990, 999, 1000)
+        );
         assert_eq!(Latencies::default().percentile(99.0), 0);
     }
 

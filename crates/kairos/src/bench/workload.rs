@@ -97,7 +97,7 @@ impl Shop {
             self.brand(item),
             price / 100,
             price % 100,
-            mix(item as u64 ^ 0x57) % 20 != 0,
+            !mix(item as u64 ^ 0x57).is_multiple_of(20),
         );
     }
 
@@ -124,7 +124,7 @@ impl Shop {
 /// Whether visitor `user` is a logged-in customer (one in five): its events carry a `userId`
 /// besides the `anonymousId`, as a tracker sends them after login.
 pub fn is_known(user: u64) -> bool {
-    mix(user ^ 0x1d) % 5 == 0
+    mix(user ^ 0x1d).is_multiple_of(5)
 }
 
 /// The query string that identifies visitor `user` in `GET /v1/recommendations`.
@@ -212,7 +212,9 @@ impl Traffic {
                 let modulus = 1u64 << bits.max(1);
                 let mut x = self.started;
                 loop {
-                    x = (x.wrapping_mul(0x9e37_79b9_7f4a_7c15 | 1).wrapping_add(self.seed))
+                    x = (x
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15 | 1)
+                        .wrapping_add(self.seed))
                         & (modulus - 1);
                     if x < count {
                         break;
@@ -360,7 +362,10 @@ impl Traffic {
                 let _ = write!(json, r#""query":"category {category} brand {}""#, item % 50);
             }
             "purchase" => {
-                let _ = write!(json, r#""order_id":"o{message_hi:x}","currency":"EUR","products":["#);
+                let _ = write!(
+                    json,
+                    r#""order_id":"o{message_hi:x}","currency":"EUR","products":["#
+                );
                 let mut total = 0;
                 for (n, &i) in s.cart.iter().enumerate() {
                     if n > 0 {
@@ -504,7 +509,10 @@ mod tests {
     fn traffic_is_seeded_valid_json_of_realistic_size() {
         let shop = shop();
         let make = || {
-            let everyone = Visitors::Random { first: 0, count: 500 };
+            let everyone = Visitors::Random {
+                first: 0,
+                count: 500,
+            };
             let mut t = Traffic::new(shop.clone(), 3, everyone, 50, 1_700_000_000_000);
             batches(&mut t, 20, 2000)
         };

@@ -691,7 +691,10 @@ async fn validate_checks_a_batch_and_stores_nothing() {
 
     // The envelope is checked like /v1/batch's.
     let (s, body) = node.post("/v1/validate", &json!({"batch": []})).await;
-    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("empty_batch")));
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (400, Some("empty_batch"))
+    );
     let (s, body) = node
         .request(
             axum::http::Method::POST,
@@ -700,7 +703,10 @@ async fn validate_checks_a_batch_and_stores_nothing() {
             Some("application/json"),
         )
         .await;
-    assert_eq!((s.as_u16(), body["code"].as_str()), (400, Some("malformed_json")));
+    assert_eq!(
+        (s.as_u16(), body["code"].as_str()),
+        (400, Some("malformed_json"))
+    );
 
     // The same batch sent for real stores exactly the events validate called valid.
     let (s, body) = node.post("/v1/batch", &batch).await;
@@ -718,13 +724,20 @@ async fn validate_checks_a_batch_and_stores_nothing() {
 async fn catalogue_changes_refresh_cached_lists() {
     let dir = TempDir::new("catalog-cache");
     let node = TestNode::start(dir.path(), "[model]\ntrending_refresh_ms = 3600000\n");
-    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    let (_, rec) = node
+        .get("/v1/recommendations?anonymous_id=first-visitor")
+        .await;
     assert_eq!(ids(&rec), Vec::<String>::new(), "{rec}");
-    node.put("/v1/items", &json!([{"id": "new-1"}, {"id": "new-2"}])).await;
-    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    node.put("/v1/items", &json!([{"id": "new-1"}, {"id": "new-2"}]))
+        .await;
+    let (_, rec) = node
+        .get("/v1/recommendations?anonymous_id=first-visitor")
+        .await;
     assert_eq!(ids(&rec), ["new-1", "new-2"], "{rec}");
     node.delete("/v1/items/new-1").await;
-    let (_, rec) = node.get("/v1/recommendations?anonymous_id=first-visitor").await;
+    let (_, rec) = node
+        .get("/v1/recommendations?anonymous_id=first-visitor")
+        .await;
     assert_eq!(ids(&rec), ["new-2"], "{rec}");
     node.shutdown();
 }

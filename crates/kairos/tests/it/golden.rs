@@ -60,7 +60,7 @@ fn stream() -> (Value, Vec<Value>) {
         e["anonymousId"] = json!(anon);
         e["timestamp"] = json!(ts);
         e["messageId"] = json!(format!("g{n}"));
-        if user % 5 == 0 && e["type"] != "identify" {
+        if user.is_multiple_of(5) && e["type"] != "identify" {
             e["context"] = json!({"sessionId": format!("s{user}-{}", n / 300)});
         }
         events.push(e);

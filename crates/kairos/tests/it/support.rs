@@ -58,6 +58,15 @@ pub fn test_config(data_dir: &Path, overrides: &str) -> Config {
     model
         .entry("trending_refresh_ms")
         .or_insert(toml::Value::Integer(0));
+    // Reads wait for everything acknowledged before them, not only their person's events, so
+    // that answers never depend on how far the processor got with other people's events.
+    let api = flags
+        .entry("api")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .unwrap();
+    api.entry("read_others_writes_timeout_ms")
+        .or_insert(toml::Value::Integer(60_000));
     config::load(None, std::iter::empty(), flags).unwrap()
 }
 
