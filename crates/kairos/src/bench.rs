@@ -586,17 +586,19 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
             Some(rss_loaded.saturating_sub(rss_items) as f64 / plan.users as f64);
     }
 
+    // What the ingest, serve and freshness scenarios share (recovery restarts the server, so it
+    // takes its pieces one by one).
+    let ctx = RunContext {
+        runtime: &runtime,
+        addr,
+        shop: &shop,
+        plan: &plan,
+        seed: opts.seed,
+        ids: &ids,
+        started,
+    };
     if wants(Scenario::Ingest) {
-        ingest_runs(
-            &runtime,
-            addr,
-            &shop,
-            &plan,
-            opts.seed,
-            &ids,
-            &mut report,
-            started,
-        )?;
+        ingest_runs(&ctx, &mut report)?;
     }
 
     if wants(Scenario::Serve) || wants(Scenario::Freshness) {
@@ -615,27 +617,10 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
         ));
         std::thread::sleep(Duration::from_millis(500));
         if wants(Scenario::Serve) {
-            serve_runs(
-                &runtime,
-                addr,
-                &shop,
-                &plan,
-                opts.seed,
-                &mut report,
-                started,
-            )?;
+            serve_runs(&ctx, &mut report)?;
         }
         if wants(Scenario::Freshness) {
-            freshness(
-                &runtime,
-                addr,
-                &shop,
-                &plan,
-                opts.seed,
-                &ids,
-                &mut report,
-                started,
-            )?;
+            freshness(&ctx, &mut report)?;
         }
         stop.store(true, Ordering::Relaxed);
         let background = runtime
@@ -685,17 +670,28 @@ pub fn run(opts: &BenchOptions) -> Result<Report, String> {
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ingest_runs(
-    runtime: &tokio::runtime::Runtime,
+/// The server under test and the traffic the scenarios draw from.
+#[derive(Clone, Copy)]
+struct RunContext<'a> {
+    runtime: &'a tokio::runtime::Runtime,
     addr: SocketAddr,
-    shop: &Arc<Shop>,
-    plan: &Plan,
+    shop: &'a Arc<Shop>,
+    plan: &'a Plan,
     seed: u64,
-    ids: &Arc<AtomicU64>,
-    report: &mut Report,
+    ids: &'a Arc<AtomicU64>,
     started: Instant,
-) -> Result<(), String> {
+}
+
+fn ingest_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
+    let RunContext {
+        runtime,
+        addr,
+        shop,
+        plan,
+        seed,
+        ids,
+        started,
+    } = *ctx;
     for (batch, connections) in INGEST_RUNS {
         let pool = ingest_pool(shop, seed ^ batch as u64, batch, plan.pool_events);
         report.mean_event_bytes = mean_event_bytes(&pool);
@@ -758,15 +754,16 @@ fn ingest_runs(
     Ok(())
 }
 
-fn serve_runs(
-    runtime: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    shop: &Arc<Shop>,
-    plan: &Plan,
-    seed: u64,
-    report: &mut Report,
-    started: Instant,
-) -> Result<(), String> {
+fn serve_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
+    let RunContext {
+        runtime,
+        addr,
+        shop,
+        plan,
+        seed,
+        started,
+        ..
+    } = *ctx;
     let mut rng = Rng::new(seed ^ 0x5e);
     let for_you: Arc<Vec<String>> = Arc::new(
         (0..50_000)
@@ -866,17 +863,16 @@ fn serve_runs(
 /// Freshness probes: a new visitor views a product; from the acknowledgement, `for_you` is asked
 /// until its answer reflects the view (the session strategy appears instead of the cold-start
 /// fallback). Background ingest keeps running meanwhile.
-#[allow(clippy::too_many_arguments)]
-fn freshness(
-    runtime: &tokio::runtime::Runtime,
-    addr: SocketAddr,
-    shop: &Arc<Shop>,
-    plan: &Plan,
-    seed: u64,
-    ids: &Arc<AtomicU64>,
-    report: &mut Report,
-    started: Instant,
-) -> Result<(), String> {
+fn freshness(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
+    let RunContext {
+        runtime,
+        addr,
+        shop,
+        plan,
+        seed,
+        ids,
+        started,
+    } = *ctx;
     let mut lat = runtime.block_on(async {
         let mut rng = Rng::new(seed ^ 0xf7);
         let mut conn = Conn::connect(addr)

@@ -25,6 +25,21 @@ fn assert_error(
     seen.insert(code.as_str());
 }
 
+/// The `(index, code)` of each rejected event of a batch answer.
+fn rejected_codes(body: &Value) -> Vec<(u64, String)> {
+    body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap(),
+                r["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 fn view(anon: &str, product: &str, ts: i64, message_id: &str) -> Value {
     json!({"type": "track", "event": "product_view", "anonymousId": anon, "messageId": message_id,
            "timestamp": ts, "properties": {"product_id": product}})
@@ -104,17 +119,7 @@ async fn every_endpoint_and_error_code() {
     let (s, body) = node.post("/v1/batch", &batch).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["accepted"], 1);
-    let rejected: Vec<(u64, String)> = body["rejected"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["index"].as_u64().unwrap(),
-                r["code"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let rejected = rejected_codes(&body);
     assert_eq!(
         rejected,
         [
@@ -659,21 +664,8 @@ async fn validate_checks_a_batch_and_stores_nothing() {
     let (s, verdict) = node.post("/v1/validate", &batch).await;
     assert_eq!(s, StatusCode::OK, "{verdict}");
     assert_eq!(verdict["valid"], 2, "{verdict}");
-    let codes = |v: &Value| -> Vec<(u64, String)> {
-        v["rejected"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["index"].as_u64().unwrap(),
-                    r["code"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    };
     assert_eq!(
-        codes(&verdict),
+        rejected_codes(&verdict),
         [
             (1, "missing_product_id".to_owned()),
             (2, "invalid_event_type".to_owned()),
@@ -712,7 +704,7 @@ async fn validate_checks_a_batch_and_stores_nothing() {
     let (s, body) = node.post("/v1/batch", &batch).await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["accepted"], verdict["valid"]);
-    assert_eq!(codes(&body), codes(&verdict));
+    assert_eq!(rejected_codes(&body), rejected_codes(&verdict));
     let (_, profile) = node.get("/v1/profiles?anonymous_id=anon-v").await;
     assert_eq!(profile["exists"], true, "{profile}");
     assert_eq!(profile["session_id"], "s1", "{profile}");
