@@ -14,6 +14,12 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+# The deployment files (deploy/, docs/DEPLOYMENT.md): strict Kubernetes schema validation, the
+# kustomization and cross-references, Kairos settings against default.toml, and a Dockerfile lint.
+# It installs its pinned validators from PyPI into target/deploy-venv on first use.
+step "deploy: Kubernetes manifests (strict schemas, references, settings) and Dockerfile lint"
+./scripts/validate-deploy.sh
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

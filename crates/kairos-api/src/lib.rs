@@ -48,6 +48,7 @@ pub struct ApiMetrics {
     rejected: Vec<(Code, Arc<Counter>)>,
     pub ingest_latency: Arc<Histogram>,
     rec_latency: Vec<(&'static str, Arc<Histogram>)>,
+    pub read_wait: Arc<Histogram>,
     pub requests_failed: Arc<Counter>,
 }
 
@@ -104,6 +105,11 @@ impl ApiMetrics {
                 &[],
             ),
             rec_latency,
+            read_wait: registry.histogram(
+                "kairos_read_wait_seconds",
+                "Time a read waited for the processor to apply acknowledged writes it must see (read-your-writes).",
+                &[],
+            ),
             requests_failed: registry.counter(
                 "kairos_requests_failed_total",
                 "Requests answered with an error status.",
@@ -194,14 +200,14 @@ impl AppState {
         self.wait_for(self.log.committed_seq()).await;
     }
 
-    /// Read-your-writes for a read that names a person (`ids`: the user id and/or anonymous id
-    /// it gives): wait until the state reflects that person's acknowledged events and every
+    /// Read-your-writes for a recommendation read (`ids`: the user id and/or anonymous id it
+    /// names, if any): wait until the state reflects that person's acknowledged events and every
     /// catalogue change (see [`pending`]), then at most `read_others_writes_timeout_ms` for
-    /// everything else acknowledged before the read.
+    /// everything else acknowledged before the read. A read that names nobody (`similar` on an
+    /// item page) has no writes of its own to wait for: making it wait for everyone's would put
+    /// the processor's lag behind all traffic into its latency.
     pub async fn wait_applied_for(&self, ids: &[&str]) {
-        if ids.is_empty() {
-            return self.wait_applied().await;
-        }
+        let started = std::time::Instant::now();
         let everything = self.log.committed_seq();
         self.wait_for(self.pending.target(ids.iter().copied()))
             .await;
@@ -209,6 +215,7 @@ impl AppState {
             let others = Duration::from_millis(self.api.read_others_writes_timeout_ms);
             self.watermark.wait_for(everything, others).await;
         }
+        self.metrics.read_wait.observe(started.elapsed());
     }
 
     async fn wait_for(&self, target: u64) {

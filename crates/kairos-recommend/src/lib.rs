@@ -19,6 +19,7 @@
 
 use std::cmp::Ordering;
 use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,12 @@ pub struct RecommendConfig {
     pub fallback_list_len: usize,
     /// Default diversity cap per category (0 = none); a request's `max_per_category` overrides it.
     pub max_per_category: usize,
+    /// Candidates each source of `for_you` (session model, history neighbours) passes on, its
+    /// best by its own score (at least four times the `k` asked for): the boosts after it rescale
+    /// scores by bounded factors, so the tail of a long list (a session's neighbours touch
+    /// hundreds of items) never reaches the top, and merging, boosting and sorting it would be
+    /// most of the cost of a request.
+    pub candidates_per_source: usize,
 }
 
 impl Default for RecommendConfig {
@@ -66,6 +73,7 @@ impl Default for RecommendConfig {
             affinity_candidates_weight: 0.2,
             fallback_list_len: 500,
             max_per_category: 0,
+            candidates_per_source: 100,
         }
     }
 }
@@ -336,7 +344,7 @@ pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recomme
     match req.scenario {
         Scenario::ForYou => {
             if let Some(p) = profile {
-                for_you(state, p, cfg, &mut cands);
+                for_you(state, p, cfg, k, &mut cands);
             }
         }
         Scenario::Similar => {
@@ -361,7 +369,7 @@ pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recomme
             }
         }
         Scenario::Trending => {
-            let list = ranked_list(state, category, ListKind::Trending, cfg);
+            let list = ranked_list(state, category, ListKind::Trending, cfg, Asker::Read);
             cands.add_normalized("trending", &list, 1.0);
         }
         Scenario::RecentlyViewed => {
@@ -410,7 +418,7 @@ pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recomme
                     break;
                 }
                 let before = out.len();
-                let list = ranked_list(state, source, kind, cfg);
+                let list = ranked_list(state, source, kind, cfg, Asker::Read);
                 // Fallback scores stay below every strategy score of this response.
                 let floor = out.last().map_or(1.0, |s| s.score).min(1.0) * 0.5;
                 let max = list.first().map_or(1.0, |e| e.1).max(f32::MIN_POSITIVE);
@@ -434,13 +442,23 @@ pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recomme
     }
 }
 
-fn for_you(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Candidates) {
+/// Keeps the `n` best of `list` (by score, then index), in no particular order.
+fn keep_best(list: &mut Vec<(u32, f32)>, n: usize) {
+    if n > 0 && list.len() > n {
+        list.select_nth_unstable_by(n - 1, by_score_then_index);
+        list.truncate(n);
+    }
+}
+
+fn for_you(state: &State, p: &Profile, cfg: &RecommendConfig, k: usize, cands: &mut Candidates) {
+    let per_source = cfg.candidates_per_source.max(4 * k);
     let session: Vec<u32> = p.session_items().map(|i| i.item).collect();
     if !session.is_empty() {
         let mut scores = Vec::new();
         state
             .sessions
             .score_session(Some(p.session_key), &session, state.clock, &mut scores);
+        keep_best(&mut scores, per_source);
         cands.add_normalized("session_knn", &scores, 1.0);
     }
     // Older history: co-visitation neighbours of the most recent distinct items outside the session.
@@ -463,7 +481,8 @@ fn for_you(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Candid
                 *acc.entry(other).or_insert(0.0) += recency * s;
             }
         }
-        let list: Vec<_> = acc.into_iter().collect();
+        let mut list: Vec<_> = acc.into_iter().collect();
+        keep_best(&mut list, per_source);
         let weight = if session.is_empty() {
             1.0
         } else {
@@ -552,7 +571,7 @@ fn affinities(state: &State, p: &Profile, cfg: &RecommendConfig, cands: &mut Can
     if cats.is_empty() && brands.is_empty() {
         return;
     }
-    let stats = attribute_stats(state);
+    let stats = attribute_stats(state, Asker::Read);
     let prior = cfg.affinity_prior_weight;
     let cat_pref = Preference::new(&cats, &stats.category_mass, stats.category_total, prior);
     let brand_pref = Preference::new(&brands, &stats.brand_mass, stats.brand_total, prior);
@@ -609,24 +628,41 @@ const AFFINITY_CATEGORIES: usize = 3;
 /// Popular items taken from each of them.
 const AFFINITY_CANDIDATES: usize = 50;
 
+/// Who is asking for a cached value: a request, or the maintainer refreshing after it applied.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Read,
+    Maintainer,
+}
+
+/// Whether a cached value computed at engine clock `clock`, after `seq` applied entries, for
+/// catalogue `catalog_version`, may answer `asker` now (see [`CachedList`]).
+fn reusable(state: &State, asker: Asker, clock: i64, seq: u64, catalog_version: u64) -> bool {
+    if seq == state.counters.entries_applied {
+        return true;
+    }
+    if catalog_version != state.catalog_version() {
+        return false;
+    }
+    let refresh_ms = i64::try_from(state.config.trending_refresh_ms).unwrap_or(i64::MAX);
+    let maintained = refresh_ms > 0 && state.caches.maintained.load(AtomicOrdering::Relaxed);
+    (asker == Asker::Read && maintained) || state.clock.saturating_sub(clock) < refresh_ms
+}
+
 /// The population's aggregates per category and brand (see [`AttributeStats`]), from one pass
 /// over the items: each item's popularity adds to the mass of its categories and brand, and
 /// competes for its categories' top lists. Cached and refreshed like the ranked lists.
-fn attribute_stats(state: &State) -> std::sync::Arc<AttributeStats> {
-    let refresh_ms = i64::try_from(state.config.trending_refresh_ms).unwrap_or(i64::MAX);
-    let seq = state.counters.entries_applied;
+fn attribute_stats(state: &State, asker: Asker) -> std::sync::Arc<AttributeStats> {
     let cache = &state.caches.attributes;
     if let Some(stats) = cache.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-        let same_catalog = stats.catalog_version == state.catalog_version();
-        if stats.seq == seq
-            || (same_catalog && state.clock.saturating_sub(stats.clock) < refresh_ms)
-        {
+        if reusable(state, asker, stats.clock, stats.seq, stats.catalog_version) {
             return stats.clone();
         }
     }
+    // Computed without holding the cache's lock: reads keep using the previous value meanwhile.
     let mut stats = AttributeStats {
         clock: state.clock,
-        seq,
+        seq: state.counters.entries_applied,
         catalog_version: state.catalog_version(),
         category_mass: vec![0.0; state.categories.len()],
         brand_mass: vec![0.0; state.brands.len()],
@@ -705,36 +741,36 @@ fn ranked_list(
     category: Option<u32>,
     kind: ListKind,
     cfg: &RecommendConfig,
-) -> Vec<(u32, f32)> {
+    asker: Asker,
+) -> Arc<[(u32, f32)]> {
     let cache = match kind {
         ListKind::Trending => &state.caches.trending,
         ListKind::Popular => &state.caches.popular,
     };
     // Freshness is judged on event time, so the same log always gives the same lists.
-    let refresh_ms = i64::try_from(state.config.trending_refresh_ms).unwrap_or(i64::MAX);
-    let seq = state.counters.entries_applied;
     {
         let guard = cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = guard.get(&category) {
-            let same_catalog = c.catalog_version == state.catalog_version();
-            let fresh =
-                c.seq == seq || (same_catalog && state.clock.saturating_sub(c.clock) < refresh_ms);
-            if fresh {
+            if reusable(state, asker, c.clock, c.seq, c.catalog_version) {
                 state.caches.hits.fetch_add(1, AtomicOrdering::Relaxed);
                 return c.items.clone();
             }
         }
     }
     state.caches.misses.fetch_add(1, AtomicOrdering::Relaxed);
-    let mut wanted = Vec::new();
+    // Computed without holding the cache's lock, so reads that can reuse the previous lists are
+    // not held up by a scan of the catalogue.
+    let lists = all_ranked_lists(state, kind, cfg);
+    let mut wanted: Arc<[(u32, f32)]> = Arc::new([]);
     let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
-    for (key, items) in all_ranked_lists(state, kind, cfg) {
+    for (key, items) in lists {
+        let items: Arc<[(u32, f32)]> = items.into();
         if key == category {
-            wanted.clone_from(&items);
+            wanted = items.clone();
         }
         let list = CachedList {
             clock: state.clock,
-            seq,
+            seq: state.counters.entries_applied,
             catalog_version: state.catalog_version(),
             items,
         };
@@ -747,11 +783,13 @@ fn ranked_list(
 /// the population's category and brand mass) up to date if they are stale. The processor calls
 /// it after applying, so that the catalogue scans behind these lists run on its thread, not
 /// inside a request holding the state's read lock, which would hold up the processor's next
-/// write and every read queued behind it.
+/// write and every read queued behind it. From the first call on, reads reuse whatever lists
+/// there are for the current catalogue instead of recomputing stale ones ([`CachedList`]).
 pub fn refresh_caches(state: &State, cfg: &RecommendConfig) {
-    attribute_stats(state);
-    ranked_list(state, None, ListKind::Trending, cfg);
-    ranked_list(state, None, ListKind::Popular, cfg);
+    attribute_stats(state, Asker::Maintainer);
+    ranked_list(state, None, ListKind::Trending, cfg, Asker::Maintainer);
+    ranked_list(state, None, ListKind::Popular, cfg, Asker::Maintainer);
+    state.caches.maintained.store(true, AtomicOrdering::Relaxed);
 }
 
 /// A ranked list and its category (`None`: global).
@@ -861,5 +899,93 @@ mod affinity_tests {
         // grows towards 4 as evidence accumulates.
         assert!(close(lift(1.0), (1.0 + 1.25) / 6.0 / 0.25));
         assert!(lift(1.0) < lift(5.0) && lift(5.0) < lift(100.0) && lift(100.0) < 4.0);
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use kairos_state::state::LogPosition;
+    use kairos_state::StateConfig;
+    use kairos_types::item::{Item, LogEntry};
+
+    fn upsert(state: &mut State, seq: u64, id: &str) {
+        let item = Item::from_json(&serde_json::json!({"id": id})).unwrap();
+        let pos = LogPosition {
+            partition: 0,
+            offset: seq - 1,
+            seq,
+        };
+        state.apply(pos, &LogEntry::ItemUpsert(item));
+    }
+
+    fn popular_ids(state: &State) -> Vec<&str> {
+        let cfg = RecommendConfig::default();
+        ranked_list(state, None, ListKind::Popular, &cfg, Asker::Read)
+            .iter()
+            .map(|&(i, _)| state.items.name(i))
+            .collect()
+    }
+
+    fn misses(state: &State) -> u64 {
+        state.caches.misses.load(AtomicOrdering::Relaxed)
+    }
+
+    /// Once the processor maintains the lists, a read reuses a list of the current catalogue
+    /// however stale (it never scans the catalogue inside a request), the maintainer refreshes it,
+    /// and a catalogue change still shows at once.
+    #[test]
+    fn reads_reuse_maintained_lists_until_the_catalogue_changes() {
+        let mut state = State::new(StateConfig {
+            trending_refresh_ms: 1000,
+            ..StateConfig::default()
+        });
+        let cfg = RecommendConfig::default();
+        upsert(&mut state, 1, "a");
+        refresh_caches(&state, &cfg);
+        let computed = misses(&state);
+        assert!(computed > 0);
+
+        // Applied entries and an hour of event time later, without a catalogue change.
+        state.counters.entries_applied += 10;
+        state.clock += 3_600_000;
+        assert_eq!(popular_ids(&state), ["a"]);
+        assert_eq!(
+            misses(&state),
+            computed,
+            "a read recomputed a maintained list"
+        );
+
+        refresh_caches(&state, &cfg);
+        assert!(
+            misses(&state) > computed,
+            "the maintainer did not refresh a stale list"
+        );
+        let refreshed = misses(&state);
+
+        upsert(&mut state, 2, "b");
+        let mut ids = popular_ids(&state);
+        ids.sort_unstable();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(misses(&state) > refreshed);
+    }
+
+    /// Without a maintainer (evaluations, tests), stale lists are recomputed by the read.
+    #[test]
+    fn unmaintained_lists_are_recomputed_when_stale() {
+        let mut state = State::new(StateConfig {
+            trending_refresh_ms: 1000,
+            ..StateConfig::default()
+        });
+        upsert(&mut state, 1, "a");
+        assert_eq!(popular_ids(&state), ["a"]);
+        let computed = misses(&state);
+        state.counters.entries_applied += 1;
+        state.clock += 500;
+        assert_eq!(popular_ids(&state), ["a"]);
+        assert_eq!(misses(&state), computed, "fresh for trending_refresh_ms");
+        state.clock += 1000;
+        assert_eq!(popular_ids(&state), ["a"]);
+        assert!(misses(&state) > computed, "a stale list was reused");
     }
 }

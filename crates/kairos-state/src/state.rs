@@ -64,6 +64,11 @@ pub struct StateCounters {
 /// A cached ranked list (trending, popular). It is reused while the state is unchanged, and after
 /// a change for `trending_refresh_ms` of event time (the engine clock), never of wall-clock time:
 /// recommendations stay a pure function of the log, so replays and evaluations are exact.
+///
+/// On a live node a maintainer (the processor, [`Caches::maintained`]) refreshes the lists after
+/// it applies, and reads take whatever list is there as long as the catalogue is the same: a
+/// read never scans the catalogue itself, which would stall it (and every read waiting on the
+/// same list) for milliseconds.
 #[derive(Clone, Debug, Default)]
 pub struct CachedList {
     /// The engine clock ([`State::clock`]) when the list was computed.
@@ -71,7 +76,7 @@ pub struct CachedList {
     pub seq: u64,
     /// [`State::catalog_version`] when computed: a catalogue change always invalidates.
     pub catalog_version: u64,
-    pub items: Vec<(u32, f32)>,
+    pub items: std::sync::Arc<[(u32, f32)]>,
 }
 
 /// Aggregates of everyone's interactions per category and per brand, which affinities compare a
@@ -102,6 +107,9 @@ pub struct Caches {
     /// Lookups answered from a cached list, and lookups that recomputed it.
     pub hits: std::sync::atomic::AtomicU64,
     pub misses: std::sync::atomic::AtomicU64,
+    /// Set once a maintainer refreshes the caches after applying (see [`CachedList`]); from then
+    /// on reads reuse any list computed for the current catalogue.
+    pub maintained: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Serialize, Deserialize)]
