@@ -75,7 +75,7 @@ pub enum LogError {
         max: usize,
     },
     /// Too many bytes are queued for the writer; the caller should back off
-    /// and retry (HTTP ingest maps this to 503).
+    /// and retry (HTTP ingest maps this to 429 `overloaded` with `Retry-After`).
     Overloaded {
         /// Bytes queued when the request was refused.
         pending_bytes: u64,
