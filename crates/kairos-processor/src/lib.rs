@@ -271,12 +271,15 @@ impl Processor {
             return Ok(0);
         }
         records.sort_unstable_by_key(|r| r.seq);
-        let applied = if records.len() >= PIPELINE_MIN_RECORDS {
+        let pipelined = if records.len() >= PIPELINE_MIN_RECORDS {
             self.decode_and_apply_pipelined(&records)
         } else {
+            None
+        };
+        let applied = pipelined.unwrap_or_else(|| {
             decode_records(&records, &mut entries, &self.metrics);
             self.apply_decoded(&entries)
-        };
+        });
         for r in &records {
             self.offsets[r.partition as usize] = r.offset + 1;
         }
@@ -318,7 +321,8 @@ impl Processor {
     /// decoding and applying instead of their sum, on the machine's second core. Applied entries
     /// go back to the decoding thread to be freed there, where they were allocated: freeing is a
     /// good part of decoding's cost, and glibc frees fastest into the allocating thread's arena.
-    fn decode_and_apply_pipelined(&self, records: &[Record]) -> usize {
+    /// `None` (nothing decoded or applied) when no thread could be started.
+    fn decode_and_apply_pipelined(&self, records: &[Record]) -> Option<usize> {
         type Decoded = Vec<(LogPosition, LogEntry)>;
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(4);
@@ -356,15 +360,11 @@ impl Processor {
                         let _ = back_tx.send(decoded);
                     }
                     drop(back_tx);
-                    applied
+                    Some(applied)
                 }
                 Err(e) => {
-                    // No thread to spare: decode here instead (the channels went with the
-                    // closure that could not start).
-                    tracing::warn!(error = %e, "decoding on the processor thread");
-                    let mut decoded = Vec::with_capacity(records.len());
-                    decode_records(records, &mut decoded, metrics);
-                    self.apply_decoded(&decoded)
+                    tracing::warn!(error = %e, "no thread to decode on: decoding on the processor thread");
+                    None
                 }
             }
         })

@@ -691,10 +691,7 @@ fn attribute_stats(state: &State, asker: Asker) -> std::sync::Arc<AttributeStats
         }
     }
     for top in &mut stats.category_top {
-        if top.len() > AFFINITY_CANDIDATES {
-            top.select_nth_unstable_by(AFFINITY_CANDIDATES - 1, by_score_then_index);
-            top.truncate(AFFINITY_CANDIDATES);
-        }
+        keep_best(top, AFFINITY_CANDIDATES);
         top.sort_unstable_by(by_score_then_index);
     }
     let stats = std::sync::Arc::new(stats);
@@ -829,11 +826,7 @@ fn all_ranked_lists(state: &State, kind: ListKind, cfg: &RecommendConfig) -> Vec
         }
     }
     let top = |mut list: Vec<(u32, f32)>| {
-        let n = cfg.fallback_list_len.min(list.len());
-        if n > 0 && n < list.len() {
-            list.select_nth_unstable_by(n - 1, by_score_then_index);
-            list.truncate(n);
-        }
+        keep_best(&mut list, cfg.fallback_list_len);
         list.sort_unstable_by(by_score_then_index);
         list
     };
