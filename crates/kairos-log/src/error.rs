@@ -23,6 +23,10 @@ pub enum LogError {
     /// be in the log after reopening: they were never acknowledged, so
     /// producers should retry them with the same `dedup_id`.
     WriterFailed(String),
+    /// A Kafka-protocol broker could not be reached, or refused or did not
+    /// acknowledge a record in time. Records of an append that failed this
+    /// way may or may not be in the topic: retry with the same `dedup_id`.
+    Broker(String),
     /// On-disk data is not in the expected format.
     Corrupt {
         /// File in which the problem was found.
@@ -101,6 +105,7 @@ impl LogError {
             LogError::Io(e) => LogError::Io(io::Error::new(e.kind(), e.to_string())),
             LogError::Closed => LogError::Closed,
             LogError::WriterFailed(m) => LogError::WriterFailed(m.clone()),
+            LogError::Broker(m) => LogError::Broker(m.clone()),
             LogError::Corrupt {
                 path,
                 position,
@@ -161,6 +166,7 @@ impl fmt::Display for LogError {
             LogError::Io(e) => write!(f, "event log I/O error: {e}"),
             LogError::Closed => f.write_str("event log is closed"),
             LogError::WriterFailed(m) => write!(f, "event log writer failed: {m}"),
+            LogError::Broker(m) => write!(f, "Kafka broker: {m}"),
             LogError::Corrupt {
                 path,
                 position,

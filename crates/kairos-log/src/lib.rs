@@ -4,8 +4,9 @@
 //! this log. A processor thread reads the log in order and applies events to
 //! in-memory state; after a restart, state is restored from a snapshot and the
 //! log is replayed from per-partition checkpoints. [`EventLog`] is the
-//! backend-neutral interface (a Kafka backend can implement it later);
-//! [`EmbeddedLog`] is the on-disk implementation described here.
+//! backend-neutral interface; [`EmbeddedLog`] is the on-disk implementation
+//! described here, and `KafkaLog` (feature `kafka`, module `kafka`) keeps the
+//! log on a Kafka-protocol broker.
 //!
 //! ## Model
 //!
@@ -113,6 +114,8 @@ mod embedded;
 mod error;
 mod frame;
 mod fsutil;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod meta;
 mod partitioner;
 mod recovery;
@@ -128,6 +131,8 @@ pub use config::{EmbeddedLogConfig, FsyncPolicy};
 pub use embedded::EmbeddedLog;
 pub use error::LogError;
 pub use frame::{MAX_PAYLOAD_BYTES, RECORD_HEADER_BYTES};
+#[cfg(feature = "kafka")]
+pub use kafka::{KafkaLog, KafkaLogConfig};
 pub use partitioner::{murmur2, partition_for};
 
 /// A durable, partitioned, append-only event log.
@@ -170,6 +175,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// Blocks until `committed_seq() > after` or `timeout` elapses; returns
     /// `committed_seq()`.
     fn wait_committed(&self, after: u64, timeout: Duration) -> u64;
+
+    /// Whether every record committed before the log was opened is readable
+    /// (and [`committed_seq`](EventLog::committed_seq) counts it). Always true
+    /// for a local log; a remote log is caught up once its reader has reached
+    /// the end of every partition at least once.
+    fn caught_up(&self) -> bool {
+        true
+    }
 
     /// Size and activity figures.
     fn stats(&self) -> LogStats;

@@ -236,8 +236,14 @@ impl Processor {
         loop {
             let n = self.step()?;
             total += n;
-            if n == 0 && self.watermark.get() >= self.log.committed_seq() {
-                return Ok(total);
+            if n == 0 {
+                let committed = self.log.committed_seq();
+                if self.watermark.get() >= committed && self.log.caught_up() {
+                    return Ok(total);
+                }
+                // A remote log still fetching what was there before it opened.
+                self.log
+                    .wait_committed(committed, Duration::from_millis(10));
             }
         }
     }

@@ -26,6 +26,7 @@ pub struct Config {
     pub log_level: String,
     pub shutdown_timeout_secs: u64,
     pub event_log: EventLogConfig,
+    pub kafka: KafkaConfig,
     pub ingest: IngestConfig,
     pub api: ApiConfig,
     pub processor: ProcessorConfig,
@@ -47,11 +48,25 @@ pub struct EventLogConfig {
     pub max_pending_mib: u64,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub topic: String,
+    pub partitions: u32,
+    pub replication_factor: i32,
+    pub compression: String,
+    pub ack_timeout_ms: u64,
+    pub max_buffered_records: usize,
+    pub client: std::collections::BTreeMap<String, String>,
+}
+
 /// The event log backend, chosen by the `log` setting.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogBackend {
     /// Segment files under `<data_dir>/log`.
     Embedded,
+    /// A topic on Kafka-protocol brokers (`host:port,host:port`).
+    Kafka { brokers: String },
 }
 
 /// The state backend, chosen by the `state` setting.
@@ -65,10 +80,25 @@ impl Config {
     pub fn log_backend(&self) -> Result<LogBackend, String> {
         match self.log.as_str() {
             "embedded" => Ok(LogBackend::Embedded),
-            other if other.starts_with("kafka://") => Err(format!(
-                "log backend {other:?}: the Kafka backend is not part of this build yet; use \"embedded\""
-            )),
-            other => Err(format!("unknown log backend {other:?}; expected \"embedded\"")),
+            other => match other.strip_prefix("kafka://") {
+                Some(brokers) if cfg!(feature = "kafka") => {
+                    let brokers = brokers.trim_end_matches('/');
+                    if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':')) {
+                        return Err(format!(
+                            "log backend {other:?}: expected kafka://HOST:PORT[,HOST:PORT...]"
+                        ));
+                    }
+                    Ok(LogBackend::Kafka {
+                        brokers: brokers.to_owned(),
+                    })
+                }
+                Some(_) => Err(format!(
+                    "log backend {other:?}: this binary was built without the \"kafka\" feature"
+                )),
+                None => Err(format!(
+                    "unknown log backend {other:?}; expected \"embedded\" or \"kafka://HOST:PORT\""
+                )),
+            },
         }
     }
 
@@ -80,6 +110,33 @@ impl Config {
             )),
             other => Err(format!("unknown state backend {other:?}; expected \"embedded\"")),
         }
+    }
+
+    #[cfg(feature = "kafka")]
+    pub fn kafka_log_config(
+        &self,
+        brokers: &str,
+        start_seq: u64,
+    ) -> Result<kairos_log::KafkaLogConfig, String> {
+        let c = &self.kafka;
+        if c.partitions == 0 {
+            return Err("kafka.partitions must be at least 1".into());
+        }
+        Ok(kairos_log::KafkaLogConfig {
+            brokers: brokers.to_owned(),
+            topic: c.topic.clone(),
+            partitions: c.partitions,
+            replication_factor: c.replication_factor,
+            compression: c.compression.clone(),
+            consume: true,
+            start_seq,
+            dedup_window_ms: self.event_log.dedup_window_hours as i64 * 3_600_000,
+            dedup_max_entries: self.event_log.dedup_max_entries,
+            max_buffered_records: c.max_buffered_records.max(1),
+            ack_timeout: std::time::Duration::from_millis(c.ack_timeout_ms.max(1)),
+            properties: c.client.clone().into_iter().collect(),
+            ..kairos_log::KafkaLogConfig::default()
+        })
     }
 
     pub fn embedded_log_config(&self) -> Result<kairos_log::EmbeddedLogConfig, String> {
@@ -286,12 +343,21 @@ mod tests {
         )];
         let err = load(None, env.into_iter(), toml::Table::new()).unwrap_err();
         assert!(err.contains("fsync"), "{err}");
-        let env = vec![(
-            "KAIROS_LOG".to_string(),
-            "kafka://127.0.0.1:9092".to_string(),
-        )];
-        let err = load(None, env.into_iter(), toml::Table::new()).unwrap_err();
-        assert!(err.contains("Kafka"), "{err}");
+        let kafka = |url: &str| {
+            let env = vec![("KAIROS_LOG".to_string(), url.to_string())];
+            load(None, env.into_iter(), toml::Table::new()).map(|c| c.log_backend())
+        };
+        let c = kafka("kafka://10.0.0.1:9092,10.0.0.2:9092").unwrap();
+        assert_eq!(
+            c,
+            Ok(LogBackend::Kafka {
+                brokers: "10.0.0.1:9092,10.0.0.2:9092".into()
+            })
+        );
+        let err = kafka("kafka://broker-without-port").unwrap_err();
+        assert!(err.contains("kafka://HOST:PORT"), "{err}");
+        let err = kafka("kafak://10.0.0.1:9092").unwrap_err();
+        assert!(err.contains("unknown log backend"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -32,6 +32,15 @@ impl Node {
     pub fn start(config: &Config) -> Result<Node, String> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("creating data dir {}: {e}", config.data_dir.display()))?;
+        let store: Arc<dyn StateStore> = match config.state_backend()? {
+            StateBackend::Embedded => {
+                let dir = config.data_dir.join("state");
+                Arc::new(
+                    EmbeddedStore::open(&dir, config.model.clone())
+                        .map_err(|e| format!("opening state {}: {e}", dir.display()))?,
+                )
+            }
+        };
         let log: Arc<dyn EventLog> = match config.log_backend()? {
             LogBackend::Embedded => {
                 let dir = config.data_dir.join("log");
@@ -41,15 +50,17 @@ impl Node {
                 tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, committed_seq = log.committed_seq(), "event log open");
                 Arc::new(log)
             }
-        };
-        let store: Arc<dyn StateStore> = match config.state_backend()? {
-            StateBackend::Embedded => {
-                let dir = config.data_dir.join("state");
+            #[cfg(feature = "kafka")]
+            LogBackend::Kafka { brokers } => {
+                // Sequence numbers are stamped locally; they continue from the state's.
+                let settings = config.kafka_log_config(&brokers, store.checkpoint().seq)?;
                 Arc::new(
-                    EmbeddedStore::open(&dir, config.model.clone())
-                        .map_err(|e| format!("opening state {}: {e}", dir.display()))?,
+                    kairos_log::KafkaLog::open(settings)
+                        .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?,
                 )
             }
+            #[cfg(not(feature = "kafka"))]
+            LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
         };
         let registry = Arc::new(Registry::default());
         let watermark = Watermark::new(store.checkpoint().seq);

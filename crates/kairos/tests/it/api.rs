@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use kairos_types::Code;
 
-use crate::support::{ids, TempDir, TestNode};
+use crate::support::{ids, Backend, TempDir, TestNode};
 
 /// Asserts an error response: status, code, and the `{"message","code","type","link"}` shape.
 fn assert_error(
@@ -47,8 +47,18 @@ fn view(anon: &str, product: &str, ts: i64, message_id: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_and_error_code() {
+    every_endpoint_and_error_code_on(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_error_code_on_kafka() {
+    every_endpoint_and_error_code_on(Backend::kafka(4)).await;
+}
+
+async fn every_endpoint_and_error_code_on(backend: Backend) {
     let dir = TempDir::new("api");
-    let node = TestNode::start(
+    let node = TestNode::start_on(
+        &backend,
         dir.path(),
         "[ingest]\nmax_batch_events = 5\nmax_batch_bytes = 4096\nmax_event_bytes = 600\nmax_items_per_request = 3\n",
     );
@@ -499,8 +509,17 @@ async fn every_endpoint_and_error_code() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_change_recommendations_immediately() {
+    events_change_recommendations_immediately_on(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_change_recommendations_immediately_on_kafka() {
+    events_change_recommendations_immediately_on(Backend::kafka(4)).await;
+}
+
+async fn events_change_recommendations_immediately_on(backend: Backend) {
     let dir = TempDir::new("ryw");
-    let node = TestNode::start(dir.path(), "");
+    let node = TestNode::start_on(&backend, dir.path(), "");
     let mut items = Vec::new();
     for i in 0..30 {
         let cat = if i < 15 { "books" } else { "games" };
@@ -551,11 +570,11 @@ async fn events_change_recommendations_immediately() {
             .starts_with("session_knn"),
         "{after}"
     );
-    assert_eq!(
-        ids(&before)[..2],
-        ["i20", "i21"],
-        "cold start is trending: {before}"
-    );
+    // i20 and i21 were viewed equally often: which leads depends on rounding in the order the
+    // views were applied, which Kafka does not fix across partitions.
+    let mut cold = ids(&before)[..2].to_vec();
+    cold.sort();
+    assert_eq!(cold, ["i20", "i21"], "cold start is trending: {before}");
     let top = ids(&after);
     assert!(
         top.contains(&"i1".to_string()) && top.contains(&"i2".to_string()),
@@ -579,7 +598,9 @@ async fn events_change_recommendations_immediately() {
     let (_, rec) = node
         .get("/v1/recommendations?scenario=trending&category=games&k=2")
         .await;
-    assert_eq!(ids(&rec), ["i20", "i21"], "{rec}");
+    let mut top = ids(&rec);
+    top.sort();
+    assert_eq!(top, ["i20", "i21"], "{rec}");
 
     // Cart and purchase: bought_together learns; purchased items are excluded from for_you.
     for (n, ev) in [
@@ -652,8 +673,17 @@ fn error_docs_match_the_code_table() {
 /// nothing: no log record, no profile, no accepted-events count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validate_checks_a_batch_and_stores_nothing() {
+    validate_checks_a_batch_and_stores_nothing_on(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_checks_a_batch_and_stores_nothing_on_kafka() {
+    validate_checks_a_batch_and_stores_nothing_on(Backend::kafka(4)).await;
+}
+
+async fn validate_checks_a_batch_and_stores_nothing_on(backend: Backend) {
     let dir = TempDir::new("validate");
-    let node = TestNode::start(dir.path(), "");
+    let node = TestNode::start_on(&backend, dir.path(), "");
     let batch = json!({"batch": [
         view("anon-v", "a", 1_000_000, "v1"),
         {"type": "track", "event": "product_view", "anonymousId": "anon-v"},
@@ -714,8 +744,21 @@ async fn validate_checks_a_batch_and_stores_nothing() {
 /// shows: a brand-new shop serves its catalogue as soon as it is uploaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogue_changes_refresh_cached_lists() {
+    catalogue_changes_refresh_cached_lists_on(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_changes_refresh_cached_lists_on_kafka() {
+    catalogue_changes_refresh_cached_lists_on(Backend::kafka(4)).await;
+}
+
+async fn catalogue_changes_refresh_cached_lists_on(backend: Backend) {
     let dir = TempDir::new("catalog-cache");
-    let node = TestNode::start(dir.path(), "[model]\ntrending_refresh_ms = 3600000\n");
+    let node = TestNode::start_on(
+        &backend,
+        dir.path(),
+        "[model]\ntrending_refresh_ms = 3600000\n",
+    );
     let (_, rec) = node
         .get("/v1/recommendations?anonymous_id=first-visitor")
         .await;

@@ -2,10 +2,11 @@
 //! processes.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
@@ -70,6 +71,106 @@ pub fn test_config(data_dir: &Path, overrides: &str) -> Config {
     config::load(None, std::iter::empty(), flags).unwrap()
 }
 
+/// A tansu broker (the Kafka protocol, memory storage) on a free loopback port; killed on drop.
+pub struct KafkaBroker {
+    child: Child,
+    pub addr: String,
+}
+
+impl KafkaBroker {
+    pub fn start() -> KafkaBroker {
+        let bin = tansu_binary();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let addr = format!("127.0.0.1:{port}");
+            let url = format!("tcp://{addr}");
+            let mut child = Command::new(&bin)
+                .args(["broker", "--listener-url", &url])
+                .args(["--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+            // tansu exits (with status 0) when its port is taken: it must still run once the
+            // port answers, or another process answered.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                if TcpStream::connect(&addr).is_ok() {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if child.try_wait().unwrap().is_none() {
+                        return KafkaBroker { child, addr };
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("tansu did not start on a free port in five tries");
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tansu binary: `KAIROS_TEST_TANSU`, else where scripts/fetch-tansu.sh puts it.
+fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAIROS_TEST_TANSU") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/tansu/tansu");
+    assert!(
+        p.exists(),
+        "the Kafka tests need a tansu broker at {}: run scripts/fetch-tansu.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Where a test node keeps its event log. The black-box tests run on each.
+pub enum Backend {
+    Embedded,
+    /// A topic with `partitions` partitions on a broker of the test's own.
+    Kafka {
+        broker: KafkaBroker,
+        partitions: u32,
+    },
+}
+
+impl Backend {
+    pub fn kafka(partitions: u32) -> Backend {
+        Backend::Kafka {
+            broker: KafkaBroker::start(),
+            partitions,
+        }
+    }
+
+    /// `overrides` with the settings that put a node on `data_dir` on this backend. A Kafka node
+    /// gets a topic of its own, named after its data directory, so restarts find it again.
+    pub fn config(&self, data_dir: &Path, overrides: &str) -> String {
+        match self {
+            Backend::Embedded => overrides.to_owned(),
+            Backend::Kafka { broker, partitions } => {
+                let topic = data_dir.file_name().unwrap().to_string_lossy();
+                format!(
+                    "log = \"kafka://{}\"\n{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n",
+                    broker.addr
+                )
+            }
+        }
+    }
+}
+
 /// A node running in-process on a temporary data directory.
 pub struct TestNode {
     pub node: Option<Node>,
@@ -81,6 +182,11 @@ impl TestNode {
     pub fn start(dir: &Path, overrides: &str) -> TestNode {
         let config = test_config(dir, overrides);
         Self::start_with(config)
+    }
+
+    /// A node on `backend`'s event log.
+    pub fn start_on(backend: &Backend, dir: &Path, overrides: &str) -> TestNode {
+        Self::start(dir, &backend.config(dir, overrides))
     }
 
     pub fn start_with(config: Config) -> TestNode {

@@ -1,0 +1,872 @@
+//! # The Kafka-protocol backend: [`KafkaLog`]
+//!
+//! The same [`EventLog`] contract as the embedded log, kept by a Kafka-protocol broker (Apache
+//! Kafka, Redpanda, MSK, Confluent, tansu) through librdkafka, so that the processor and the API
+//! run unchanged on top of it.
+//!
+//! ## Mapping
+//!
+//! * The log is one topic (default `kairos.events`); log partition *n* is topic partition *n*.
+//!   [`KafkaLog::open`] creates the topic with the configured partition count when it does not
+//!   exist, and otherwise adopts the partition count the broker reports.
+//! * Records are keyed by their partition key (the user), and librdkafka's `murmur2_random`
+//!   partitioner picks the same partition as [`partition_for`](crate::partition_for) and the
+//!   Java client, so one user's events stay in order in one partition.
+//! * The `dedup_id` travels in the record header `kairos-dedup-id` (8 bytes, little endian); the
+//!   event time is the record timestamp.
+//!
+//! ## Durability
+//!
+//! The producer is idempotent with `acks=all`: an append's [`Completion`] resolves `Ok` only after
+//! the broker acknowledged every record of it (written to all in-sync replicas), so an
+//! acknowledged event survives whatever the broker's own durability guarantees. A record the
+//! broker refuses, or does not acknowledge within `message.timeout.ms`, fails the whole append:
+//! the caller retries it with the same dedup ids.
+//!
+//! ## Sequence numbers
+//!
+//! Kafka has no order across partitions, so [`Record::seq`] is stamped by this process: a
+//! consumer thread fetches every partition from where the processor reads and numbers records in
+//! the order they arrive, continuing from `start_seq` (the state's checkpoint), which keeps the
+//! numbers increasing across restarts. Within a partition the order is the broker's. Replay order
+//! across partitions can therefore differ from the live order; only per-partition (per-user)
+//! order is guaranteed, as with any Kafka consumer.
+//!
+//! An append in a process that consumes (`consume = true`, as `kairos serve` does) resolves once
+//! its records are both acknowledged by the broker and fetched back, so its outcome carries the
+//! `seq` a read must wait for (read-your-writes works as with the embedded log). When the
+//! consumer is more than `seq_wait` behind (a replay at start), the outcome carries the next
+//! sequence number instead, and such a read may not see the event yet. Without a consumer
+//! (an ingest-only process), outcomes carry `seq` 0.
+//!
+//! ## Dedup
+//!
+//! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
+//! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
+//! it, and the consumer drops a record whose id it read recently, so two copies sent at once, or
+//! by two ingest processes, are applied once. Both windows live in memory: after a restart a
+//! retry of an event from before the restart is applied again.
+//!
+//! ## Retention and reads
+//!
+//! Retention belongs to the broker (the topic's `retention.ms`); [`EventLog::enforce_retention`]
+//! deletes nothing. The consumer thread buffers at most `max_buffered_records` fetched records
+//! ahead of the processor and pauses fetching beyond that. [`EventLog::read`] serves the buffer;
+//! a read from an offset the buffer does not continue (the first read, or a jump) repositions the
+//! consumer and returns nothing until records from there arrive.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::completion::{completion_pair, Completer, Completion};
+use crate::dedup::DedupSet;
+use crate::{
+    AppendOutcome, AppendRecord, EventLog, LogError, LogStats, Record, RetentionReport,
+    MAX_PAYLOAD_BYTES,
+};
+
+/// The header carrying a record's dedup id.
+const DEDUP_HEADER: &str = "kairos-dedup-id";
+
+/// Fetched `(offset, seq)` pairs remembered per partition, so a delivery report that arrives
+/// after its record was fetched back still finds its sequence number.
+const RECENT_STAMPS: usize = 8192;
+
+/// Settings of [`KafkaLog`].
+#[derive(Clone, Debug)]
+pub struct KafkaLogConfig {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// The events topic.
+    pub topic: String,
+    /// Partitions of the topic when this log creates it.
+    pub partitions: u32,
+    /// Replication factor of the topic when this log creates it (-1 = the broker's default).
+    pub replication_factor: i32,
+    /// librdkafka `compression.type`: none, gzip, lz4, snappy or zstd.
+    pub compression: String,
+    /// Whether this process reads the topic (serve and process roles) or only appends (ingest).
+    pub consume: bool,
+    /// Sequence number to continue from (the state's checkpoint).
+    pub start_seq: u64,
+    /// Dedup window in event-time milliseconds.
+    pub dedup_window_ms: i64,
+    /// Maximum remembered dedup ids per window (0 disables dedup).
+    pub dedup_max_entries: usize,
+    /// Fetched records held ahead of the processor at most.
+    pub max_buffered_records: usize,
+    /// How long an append waits for the consumer to fetch its records back (see the module docs).
+    pub seq_wait: Duration,
+    /// Time the broker has to acknowledge a record before its append fails.
+    pub ack_timeout: Duration,
+    /// Extra librdkafka properties for both clients (security.protocol, sasl.*, ssl.*, ...).
+    pub properties: Vec<(String, String)>,
+}
+
+impl Default for KafkaLogConfig {
+    fn default() -> Self {
+        KafkaLogConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "kairos.events".into(),
+            partitions: 8,
+            replication_factor: -1,
+            compression: "lz4".into(),
+            consume: true,
+            start_seq: 0,
+            dedup_window_ms: 24 * 60 * 60 * 1000,
+            dedup_max_entries: 10_000_000,
+            max_buffered_records: 65_536,
+            seq_wait: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(30),
+            properties: Vec::new(),
+        }
+    }
+}
+
+/// An event log on a Kafka-protocol broker. See the module docs.
+pub struct KafkaLog {
+    topic: String,
+    partitions: u32,
+    producer: ThreadedProducer<Delivery>,
+    shared: Arc<Shared>,
+    consumer: Mutex<Option<JoinHandle<()>>>,
+    start_offsets: Vec<u64>,
+}
+
+/// What the producer's delivery callbacks and the consumer thread share with the log.
+struct Shared {
+    fetch: Mutex<Fetch>,
+    /// Signalled when records were fetched (or a partition reached its end).
+    fetched: Condvar,
+    /// Signalled when the processor consumed buffered records or asked for a new position.
+    consumed: Condvar,
+    /// Ids the producer delivered recently.
+    produced: Mutex<DedupSet>,
+    consume: bool,
+    /// Appends are refused.
+    closed: AtomicBool,
+    /// The consumer thread stops.
+    stopping: AtomicBool,
+    appended: AtomicU64,
+    duplicates: AtomicU64,
+    batches: AtomicU64,
+    seq_wait: Duration,
+}
+
+/// The consumer side's state, under one lock.
+struct Fetch {
+    partitions: Vec<PartitionFetch>,
+    /// A position changed: the consumer must reassign.
+    reposition: bool,
+    buffered: usize,
+    committed_seq: u64,
+    /// Ids the consumer read recently.
+    dedup: DedupSet,
+    /// Delivered records whose sequence number is not known yet.
+    waiting: HashMap<(u32, u64), Waiter>,
+}
+
+#[derive(Default)]
+struct PartitionFetch {
+    /// Where the current fetch run started (`None` until the processor first reads).
+    run_start: Option<u64>,
+    /// Next offset expected from the broker.
+    fetched_to: u64,
+    /// Reached the end of the partition since the run started.
+    at_end: bool,
+    buffer: VecDeque<Record>,
+    recent: VecDeque<(u64, u64)>,
+}
+
+struct Waiter {
+    batch: Arc<PendingAppend>,
+    index: usize,
+    since: Instant,
+}
+
+/// One `append` call waiting for its records' outcomes.
+struct PendingAppend {
+    state: Mutex<PendingState>,
+}
+
+struct PendingState {
+    outcomes: Vec<Option<AppendOutcome>>,
+    remaining: usize,
+    error: Option<LogError>,
+    completer: Option<Completer<Result<Vec<AppendOutcome>, LogError>>>,
+}
+
+impl PendingAppend {
+    fn settle(&self, index: usize, result: Result<AppendOutcome, LogError>) {
+        let mut s = lock(&self.state);
+        match result {
+            Ok(outcome) => s.outcomes[index] = Some(outcome),
+            Err(e) => {
+                s.error.get_or_insert(e);
+            }
+        }
+        s.remaining -= 1;
+        if s.remaining == 0 {
+            let result = match s.error.take() {
+                Some(e) => Err(e),
+                None => Ok(s.outcomes.iter().map(|o| o.expect("settled")).collect()),
+            };
+            if let Some(c) = s.completer.take() {
+                c.complete(result);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn broker_error(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Broker(format!("{what}: {e}"))
+}
+
+/// The producer's delivery callbacks, on librdkafka's polling thread.
+struct Delivery {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Delivery {}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = Box<(Arc<PendingAppend>, usize, u64, i64)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (batch, index, dedup_id, timestamp_ms) = *opaque;
+        match result {
+            Err((e, _)) => batch.settle(index, Err(broker_error("broker refused a record", e))),
+            Ok(m) => {
+                if dedup_id != 0 {
+                    lock(&self.shared.produced).record_appended(dedup_id, timestamp_ms);
+                }
+                let partition = m.partition() as u32;
+                let offset = m.offset() as u64;
+                if !self.shared.consume {
+                    batch.settle(
+                        index,
+                        Ok(AppendOutcome::Appended {
+                            partition,
+                            offset,
+                            seq: 0,
+                        }),
+                    );
+                    return;
+                }
+                let mut fetch = lock(&self.shared.fetch);
+                match fetch.partitions[partition as usize].seq_of(offset) {
+                    Some(seq) => {
+                        drop(fetch);
+                        batch.settle(
+                            index,
+                            Ok(AppendOutcome::Appended {
+                                partition,
+                                offset,
+                                seq,
+                            }),
+                        );
+                    }
+                    None => {
+                        fetch.waiting.insert(
+                            (partition, offset),
+                            Waiter {
+                                batch,
+                                index,
+                                since: Instant::now(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl PartitionFetch {
+    /// The sequence number a read must wait for to see the record at `offset`, if it was
+    /// fetched: its own, or (for a record older than the remembered stamps, or dropped as a
+    /// duplicate) the next one's, which is never lower.
+    fn seq_of(&self, offset: u64) -> Option<u64> {
+        let &(last_offset, _) = self.recent.back()?;
+        if offset > last_offset {
+            return None;
+        }
+        let i = self.recent.partition_point(|&(o, _)| o < offset);
+        Some(self.recent[i].1)
+    }
+}
+
+/// Runs a future to completion on this thread (the admin client's futures need no runtime).
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+fn client_config(config: &KafkaLogConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl KafkaLog {
+    /// Connects to the brokers, creates the topic if it does not exist and, with `consume`,
+    /// starts the consumer thread (which fetches nothing until the first [`EventLog::read`]).
+    pub fn open(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
+        if config.topic.is_empty() {
+            return Err(LogError::InvalidConfig(
+                "the Kafka topic name is empty".into(),
+            ));
+        }
+        if config.partitions == 0 {
+            return Err(LogError::InvalidConfig(
+                "a Kafka topic needs at least one partition".into(),
+            ));
+        }
+        let partitions = ensure_topic(&config)?;
+        let shared = Arc::new(Shared {
+            fetch: Mutex::new(Fetch {
+                partitions: (0..partitions).map(|_| PartitionFetch::default()).collect(),
+                reposition: false,
+                buffered: 0,
+                committed_seq: config.start_seq,
+                dedup: DedupSet::new(config.dedup_window_ms, config.dedup_max_entries),
+                waiting: HashMap::new(),
+            }),
+            fetched: Condvar::new(),
+            consumed: Condvar::new(),
+            produced: Mutex::new(DedupSet::new(
+                config.dedup_window_ms,
+                config.dedup_max_entries,
+            )),
+            consume: config.consume,
+            closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            appended: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            seq_wait: config.seq_wait,
+        });
+        let producer: ThreadedProducer<Delivery> = client_config(&config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &config.compression)
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set(
+                "message.timeout.ms",
+                config.ack_timeout.as_millis().to_string(),
+            )
+            .create_with_context(Delivery {
+                shared: shared.clone(),
+            })
+            .map_err(|e| broker_error("creating the Kafka producer", e))?;
+        let start_offsets = low_watermarks(&config, partitions)?;
+        let consumer = if config.consume {
+            let consumer: BaseConsumer = client_config(&config)
+                // librdkafka needs a group id to assign partitions, though this consumer never
+                // joins the group nor commits: its positions live in the state's checkpoint.
+                .set("group.id", "kairos.local-reader")
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "10")
+                .set("queued.max.messages.kbytes", "16384")
+                .create()
+                .map_err(|e| broker_error("creating the Kafka consumer", e))?;
+            let topic = config.topic.clone();
+            let thread_shared = shared.clone();
+            let max_buffered = config.max_buffered_records.max(1);
+            Some(
+                std::thread::Builder::new()
+                    .name("kairos-kafka-fetch".into())
+                    .spawn(move || fetch_loop(consumer, &topic, &thread_shared, max_buffered))
+                    .map_err(|e| LogError::io("starting the Kafka consumer thread", e))?,
+            )
+        } else {
+            None
+        };
+        tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, "Kafka event log open");
+        Ok(KafkaLog {
+            topic: config.topic,
+            partitions,
+            producer,
+            shared,
+            consumer: Mutex::new(consumer),
+            start_offsets,
+        })
+    }
+}
+
+/// Returns the topic's partition count, creating the topic first if the broker does not have it.
+fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
+    let probe: BaseConsumer = client_config(config)
+        .create()
+        .map_err(|e| broker_error("creating a Kafka client", e))?;
+    let count = |probe: &BaseConsumer| -> Result<u32, LogError> {
+        let metadata = probe
+            .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
+            .map_err(|e| broker_error(&format!("reaching the brokers {}", config.brokers), e))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == config.topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len() as u32))
+    };
+    let existing = count(&probe)?;
+    if existing > 0 {
+        if existing != config.partitions {
+            tracing::info!(
+                topic = %config.topic,
+                partitions = existing,
+                configured = config.partitions,
+                "using the existing topic's partition count"
+            );
+        }
+        return Ok(existing);
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(config)
+        .create()
+        .map_err(|e| broker_error("creating a Kafka admin client", e))?;
+    let topic = NewTopic::new(
+        &config.topic,
+        config.partitions as i32,
+        TopicReplication::Fixed(config.replication_factor),
+    );
+    let results = block_on(admin.create_topics(
+        [&topic],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+    ))
+    .map_err(|e| broker_error(&format!("creating topic {}", config.topic), e))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(broker_error(&format!("creating topic {name}"), code));
+            }
+        }
+    }
+    // Metadata can lag behind the creation for a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = count(&probe)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        if Instant::now() > deadline {
+            return Err(broker_error(
+                &format!("topic {}", config.topic),
+                "created but not visible in the metadata after 10 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn low_watermarks(config: &KafkaLogConfig, partitions: u32) -> Result<Vec<u64>, LogError> {
+    let probe: BaseConsumer = client_config(config)
+        .create()
+        .map_err(|e| broker_error("creating a Kafka client", e))?;
+    (0..partitions)
+        .map(|p| {
+            probe
+                .fetch_watermarks(&config.topic, p as i32, Duration::from_secs(10))
+                .map(|(low, _)| low.max(0) as u64)
+                .map_err(|e| broker_error(&format!("reading the offsets of partition {p}"), e))
+        })
+        .collect()
+}
+
+/// The consumer thread: fetches from the positions the processor reads at, stamps sequence
+/// numbers, drops duplicates and settles appends waiting for their sequence numbers.
+fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered: usize) {
+    let mut last_error: Option<Instant> = None;
+    while !shared.stopping.load(Ordering::Acquire) {
+        {
+            let mut fetch = lock(&shared.fetch);
+            settle_overdue(&mut fetch, shared.seq_wait);
+            if fetch.reposition {
+                fetch.reposition = false;
+                let mut tpl = TopicPartitionList::new();
+                for (p, pf) in fetch.partitions.iter().enumerate() {
+                    if let Some(start) = pf.run_start {
+                        let _ = tpl.add_partition_offset(
+                            topic,
+                            p as i32,
+                            Offset::Offset(pf.fetched_to.max(start) as i64),
+                        );
+                    }
+                }
+                drop(fetch);
+                if let Err(e) = consumer.assign(&tpl) {
+                    tracing::error!(error = %e, "assigning Kafka partitions failed; retrying");
+                    lock(&shared.fetch).reposition = true;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if fetch.buffered >= max_buffered {
+                let _ = shared
+                    .consumed
+                    .wait_timeout(fetch, Duration::from_millis(50));
+                continue;
+            }
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                let mut fetch = lock(&shared.fetch);
+                if let Some(pf) = fetch.partitions.get_mut(p as usize) {
+                    pf.at_end = true;
+                }
+                drop(fetch);
+                shared.fetched.notify_all();
+            }
+            Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) => {
+                tracing::warn!(error = %e, "Kafka consumer error");
+                last_error = Some(Instant::now());
+            }
+            Some(Err(_)) => {}
+            Some(Ok(m)) => {
+                let partition = m.partition() as u32;
+                let offset = m.offset() as u64;
+                let dedup_id = m
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == DEDUP_HEADER)
+                            .and_then(|h| h.value)
+                            .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    })
+                    .map_or(0, u64::from_le_bytes);
+                let timestamp_ms = m.timestamp().to_millis().unwrap_or(0);
+                let payload = m.payload().unwrap_or_default().to_vec();
+                let mut fetch = lock(&shared.fetch);
+                let Fetch {
+                    partitions,
+                    buffered,
+                    committed_seq,
+                    dedup,
+                    waiting,
+                    ..
+                } = &mut *fetch;
+                let Some(pf) = partitions.get_mut(partition as usize) else {
+                    continue;
+                };
+                // A record from before a reposition, still in flight.
+                if pf.run_start.is_none() || offset < pf.fetched_to {
+                    continue;
+                }
+                pf.fetched_to = offset + 1;
+                let duplicate = dedup_id != 0 && dedup.is_duplicate(dedup_id);
+                let seq = if duplicate {
+                    shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                    *committed_seq + 1
+                } else {
+                    if dedup_id != 0 {
+                        dedup.record_appended(dedup_id, timestamp_ms);
+                    }
+                    *committed_seq += 1;
+                    pf.buffer.push_back(Record {
+                        partition,
+                        offset,
+                        seq: *committed_seq,
+                        timestamp_ms,
+                        dedup_id,
+                        payload,
+                    });
+                    *buffered += 1;
+                    *committed_seq
+                };
+                if !duplicate {
+                    pf.recent.push_back((offset, seq));
+                    if pf.recent.len() > RECENT_STAMPS {
+                        pf.recent.pop_front();
+                    }
+                }
+                let waiter = waiting.remove(&(partition, offset));
+                drop(fetch);
+                shared.fetched.notify_all();
+                if let Some(w) = waiter {
+                    let outcome = if duplicate {
+                        AppendOutcome::Duplicate
+                    } else {
+                        AppendOutcome::Appended {
+                            partition,
+                            offset,
+                            seq,
+                        }
+                    };
+                    w.batch.settle(w.index, Ok(outcome));
+                }
+            }
+        }
+    }
+}
+
+/// Settles appends whose records the consumer has not fetched back within `wait`: they are
+/// acknowledged, and carry the next sequence number (see the module docs).
+fn settle_overdue(fetch: &mut Fetch, wait: Duration) {
+    if fetch.waiting.is_empty() {
+        return;
+    }
+    let next = fetch.committed_seq + 1;
+    let overdue: Vec<(u32, u64)> = fetch
+        .waiting
+        .iter()
+        .filter(|(_, w)| w.since.elapsed() >= wait)
+        .map(|(k, _)| *k)
+        .collect();
+    for (partition, offset) in overdue {
+        if let Some(w) = fetch.waiting.remove(&(partition, offset)) {
+            w.batch.settle(
+                w.index,
+                Ok(AppendOutcome::Appended {
+                    partition,
+                    offset,
+                    seq: next,
+                }),
+            );
+        }
+    }
+}
+
+impl EventLog for KafkaLog {
+    fn partition_count(&self) -> u32 {
+        self.partitions
+    }
+
+    fn append(
+        &self,
+        records: Vec<AppendRecord>,
+    ) -> Completion<Result<Vec<AppendOutcome>, LogError>> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Completion::ready(Err(LogError::Closed));
+        }
+        if records.is_empty() {
+            return Completion::ready(Ok(Vec::new()));
+        }
+        if let Some(r) = records.iter().find(|r| r.payload.len() > MAX_PAYLOAD_BYTES) {
+            return Completion::ready(Err(LogError::RecordTooLarge {
+                size: r.payload.len(),
+                max: MAX_PAYLOAD_BYTES,
+            }));
+        }
+        let (completer, completion) = completion_pair(|| Err(LogError::Closed));
+        let n = records.len();
+        let pending = Arc::new(PendingAppend {
+            state: Mutex::new(PendingState {
+                outcomes: vec![None; n],
+                remaining: n,
+                error: None,
+                completer: Some(completer),
+            }),
+        });
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        for (index, r) in records.iter().enumerate() {
+            if r.dedup_id != 0 && lock(&self.shared.produced).is_duplicate(r.dedup_id) {
+                self.shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                pending.settle(index, Ok(AppendOutcome::Duplicate));
+                continue;
+            }
+            let mut record = BaseRecord::with_opaque_to(
+                &self.topic,
+                Box::new((pending.clone(), index, r.dedup_id, r.timestamp_ms)),
+            )
+            .key(&r.key[..])
+            .payload(&r.payload[..])
+            .timestamp(r.timestamp_ms);
+            if r.dedup_id != 0 {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: DEDUP_HEADER,
+                    value: Some(&r.dedup_id.to_le_bytes()[..]),
+                }));
+            }
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.shared.appended.fetch_add(1, Ordering::Relaxed);
+                }
+                Err((e, record)) => {
+                    drop(record);
+                    let error = match e {
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                            LogError::Overloaded {
+                                pending_bytes: 0,
+                                limit: 0,
+                            }
+                        }
+                        e => broker_error("queueing a record for the broker", e),
+                    };
+                    pending.settle(index, Err(error));
+                }
+            }
+        }
+        completion
+    }
+
+    fn read(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_records: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        if partition >= self.partitions {
+            return Err(LogError::InvalidPartition {
+                partition,
+                partitions: self.partitions,
+            });
+        }
+        if !self.shared.consume {
+            return Err(LogError::InvalidArgument(
+                "this Kafka log was opened without a consumer".into(),
+            ));
+        }
+        let mut fetch = lock(&self.shared.fetch);
+        let Fetch {
+            partitions,
+            buffered,
+            reposition,
+            ..
+        } = &mut *fetch;
+        let pf = &mut partitions[partition as usize];
+        let continues = pf
+            .run_start
+            .is_some_and(|start| from_offset >= start && from_offset <= pf.fetched_to);
+        if !continues {
+            *buffered -= pf.buffer.len();
+            pf.buffer.clear();
+            pf.run_start = Some(from_offset);
+            pf.fetched_to = from_offset;
+            pf.at_end = false;
+            *reposition = true;
+            drop(fetch);
+            self.shared.consumed.notify_all();
+            return Ok(Vec::new());
+        }
+        let mut dropped = 0;
+        while pf.buffer.front().is_some_and(|r| r.offset < from_offset) {
+            pf.buffer.pop_front();
+            dropped += 1;
+        }
+        *buffered -= dropped;
+        let out = pf.buffer.iter().take(max_records).cloned().collect();
+        drop(fetch);
+        if dropped > 0 {
+            self.shared.consumed.notify_all();
+        }
+        Ok(out)
+    }
+
+    fn end_offsets(&self) -> Vec<u64> {
+        lock(&self.shared.fetch)
+            .partitions
+            .iter()
+            .map(|p| p.fetched_to)
+            .collect()
+    }
+
+    fn start_offsets(&self) -> Vec<u64> {
+        self.start_offsets.clone()
+    }
+
+    fn committed_seq(&self) -> u64 {
+        lock(&self.shared.fetch).committed_seq
+    }
+
+    fn wait_committed(&self, after: u64, timeout: Duration) -> u64 {
+        let fetch = lock(&self.shared.fetch);
+        let (fetch, _) = self
+            .shared
+            .fetched
+            .wait_timeout_while(fetch, timeout, |f| f.committed_seq <= after)
+            .unwrap_or_else(|e| e.into_inner());
+        fetch.committed_seq
+    }
+
+    fn caught_up(&self) -> bool {
+        let fetch = lock(&self.shared.fetch);
+        fetch
+            .partitions
+            .iter()
+            .all(|p| p.run_start.is_some() && p.at_end && p.buffer.is_empty())
+    }
+
+    fn stats(&self) -> LogStats {
+        let fetch = lock(&self.shared.fetch);
+        LogStats {
+            partition_records: fetch
+                .partitions
+                .iter()
+                .zip(&self.start_offsets)
+                .map(|(p, &start)| p.fetched_to.saturating_sub(start))
+                .collect(),
+            appended_records: self.shared.appended.load(Ordering::Relaxed),
+            duplicate_records: self.shared.duplicates.load(Ordering::Relaxed),
+            write_batches: self.shared.batches.load(Ordering::Relaxed),
+            committed_seq: fetch.committed_seq,
+            ..LogStats::default()
+        }
+    }
+
+    fn enforce_retention(&self, _safe_offsets: &[u64]) -> Result<RetentionReport, LogError> {
+        Ok(RetentionReport {
+            start_offsets: self.start_offsets.clone(),
+            ..RetentionReport::default()
+        })
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let flushed = self.producer.flush(Duration::from_secs(30));
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.consumed.notify_all();
+        if let Some(h) = lock(&self.consumer).take() {
+            let _ = h.join();
+        }
+        // Appends still waiting for their records to come back were acknowledged by the broker.
+        settle_overdue(&mut lock(&self.shared.fetch), Duration::ZERO);
+        flushed.map_err(|e| broker_error("flushing records to the broker", e))
+    }
+}
+
+impl Drop for KafkaLog {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
