@@ -44,16 +44,21 @@
 //! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
 //! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
 //! it, and the consumer drops a record whose id it read recently, so two copies sent at once, or
-//! by two ingest processes, are applied once. Both windows live in memory: after a restart a
-//! retry of an event from before the restart is applied again.
+//! by two ingest processes, are applied once. Both windows live in memory. After a restart the
+//! consumer refills its window by reading back (without applying) up to `dedup_restore_records`
+//! records per partition before the state's checkpoint, so a retry of an event from shortly
+//! before a crash is still recognised; a retry of an older one (beyond that many records of its
+//! partition) is applied again.
 //!
 //! ## Retention and reads
 //!
 //! Retention belongs to the broker (the topic's `retention.ms`); [`EventLog::enforce_retention`]
 //! deletes nothing. The consumer thread buffers at most `max_buffered_records` fetched records
 //! ahead of the processor and pauses fetching beyond that. [`EventLog::read`] serves the buffer;
-//! a read from an offset the buffer does not continue (the first read, or a jump) repositions the
-//! consumer and returns nothing until records from there arrive.
+//! the first read of a partition, or one that jumps ahead of what was fetched, repositions the
+//! consumer and returns nothing until records from there arrive. Reads go forward only (as the
+//! processor's do): reading again below an offset already read from is an error, since the
+//! records there were numbered and dropped from the buffer.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -107,6 +112,9 @@ pub struct KafkaLogConfig {
     pub dedup_window_ms: i64,
     /// Maximum remembered dedup ids per window (0 disables dedup).
     pub dedup_max_entries: usize,
+    /// Records per partition before the read position that the consumer reads back (without
+    /// applying them) to refill its dedup window after a restart.
+    pub dedup_restore_records: u64,
     /// Fetched records held ahead of the processor at most.
     pub max_buffered_records: usize,
     /// How long an append waits for the consumer to fetch its records back (see the module docs).
@@ -129,6 +137,7 @@ impl Default for KafkaLogConfig {
             start_seq: 0,
             dedup_window_ms: 24 * 60 * 60 * 1000,
             dedup_max_entries: 10_000_000,
+            dedup_restore_records: 100_000,
             max_buffered_records: 65_536,
             seq_wait: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(30),
@@ -145,6 +154,7 @@ pub struct KafkaLog {
     shared: Arc<Shared>,
     consumer: Mutex<Option<JoinHandle<()>>>,
     start_offsets: Vec<u64>,
+    dedup_restore_records: u64,
 }
 
 /// What the producer's delivery callbacks and the consumer thread share with the log.
@@ -184,8 +194,13 @@ struct Fetch {
 struct PartitionFetch {
     /// Where the current fetch run started (`None` until the processor first reads).
     run_start: Option<u64>,
+    /// Where the consumer starts fetching for it: records from here to `run_start` only refill
+    /// the dedup window.
+    warm_from: u64,
     /// Next offset expected from the broker.
     fetched_to: u64,
+    /// The highest offset read from in this run: the buffer holds nothing below it.
+    read_from: u64,
     /// Reached the end of the partition since the run started.
     at_end: bool,
     buffer: VecDeque<Record>,
@@ -333,9 +348,14 @@ fn block_on<F: Future>(future: F) -> F::Output {
     }
 }
 
-fn client_config(config: &KafkaLogConfig) -> ClientConfig {
+/// A client configuration: the brokers, then `defaults`, then the user's `properties`, which
+/// override both.
+fn client_config(config: &KafkaLogConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     for (k, v) in &config.properties {
         c.set(k, v);
     }
@@ -380,34 +400,40 @@ impl KafkaLog {
             batches: AtomicU64::new(0),
             seq_wait: config.seq_wait,
         });
-        let producer: ThreadedProducer<Delivery> = client_config(&config)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", &config.compression)
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
-            .set(
-                "message.timeout.ms",
-                config.ack_timeout.as_millis().to_string(),
-            )
-            .create_with_context(Delivery {
-                shared: shared.clone(),
-            })
-            .map_err(|e| broker_error("creating the Kafka producer", e))?;
+        let ack_timeout_ms = config.ack_timeout.as_millis().to_string();
+        let producer: ThreadedProducer<Delivery> = client_config(
+            &config,
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("compression.type", &config.compression),
+                ("partitioner", "murmur2_random"),
+                ("linger.ms", "2"),
+                ("message.timeout.ms", &ack_timeout_ms),
+            ],
+        )
+        .create_with_context(Delivery {
+            shared: shared.clone(),
+        })
+        .map_err(|e| broker_error("creating the Kafka producer", e))?;
         let start_offsets = low_watermarks(&config, partitions)?;
         let consumer = if config.consume {
-            let consumer: BaseConsumer = client_config(&config)
-                // librdkafka needs a group id to assign partitions, though this consumer never
-                // joins the group nor commits: its positions live in the state's checkpoint.
-                .set("group.id", "kairos.local-reader")
-                .set("enable.auto.commit", "false")
-                .set("enable.auto.offset.store", "false")
-                .set("enable.partition.eof", "true")
-                .set("auto.offset.reset", "earliest")
-                .set("fetch.wait.max.ms", "10")
-                .set("queued.max.messages.kbytes", "16384")
-                .create()
-                .map_err(|e| broker_error("creating the Kafka consumer", e))?;
+            let consumer: BaseConsumer = client_config(
+                &config,
+                &[
+                    // librdkafka needs a group id to assign partitions, though this consumer
+                    // never joins the group nor commits: its positions live in the state.
+                    ("group.id", "kairos.local-reader"),
+                    ("enable.auto.commit", "false"),
+                    ("enable.auto.offset.store", "false"),
+                    ("enable.partition.eof", "true"),
+                    ("auto.offset.reset", "earliest"),
+                    ("fetch.wait.max.ms", "10"),
+                    ("queued.max.messages.kbytes", "16384"),
+                ],
+            )
+            .create()
+            .map_err(|e| broker_error("creating the Kafka consumer", e))?;
             let topic = config.topic.clone();
             let thread_shared = shared.clone();
             let max_buffered = config.max_buffered_records.max(1);
@@ -428,13 +454,14 @@ impl KafkaLog {
             shared,
             consumer: Mutex::new(consumer),
             start_offsets,
+            dedup_restore_records: config.dedup_restore_records,
         })
     }
 }
 
 /// Returns the topic's partition count, creating the topic first if the broker does not have it.
 fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
-    let probe: BaseConsumer = client_config(config)
+    let probe: BaseConsumer = client_config(config, &[])
         .create()
         .map_err(|e| broker_error("creating a Kafka client", e))?;
     let count = |probe: &BaseConsumer| -> Result<u32, LogError> {
@@ -459,7 +486,7 @@ fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
         }
         return Ok(existing);
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(config)
+    let admin: AdminClient<DefaultClientContext> = client_config(config, &[])
         .create()
         .map_err(|e| broker_error("creating a Kafka admin client", e))?;
     let topic = NewTopic::new(
@@ -498,7 +525,7 @@ fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
 }
 
 fn low_watermarks(config: &KafkaLogConfig, partitions: u32) -> Result<Vec<u64>, LogError> {
-    let probe: BaseConsumer = client_config(config)
+    let probe: BaseConsumer = client_config(config, &[])
         .create()
         .map_err(|e| broker_error("creating a Kafka client", e))?;
     (0..partitions)
@@ -524,11 +551,13 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                 let mut tpl = TopicPartitionList::new();
                 for (p, pf) in fetch.partitions.iter().enumerate() {
                     if let Some(start) = pf.run_start {
-                        let _ = tpl.add_partition_offset(
-                            topic,
-                            p as i32,
-                            Offset::Offset(pf.fetched_to.max(start) as i64),
-                        );
+                        let from = if pf.fetched_to > start {
+                            pf.fetched_to
+                        } else {
+                            pf.warm_from
+                        };
+                        let _ =
+                            tpl.add_partition_offset(topic, p as i32, Offset::Offset(from as i64));
                     }
                 }
                 drop(fetch);
@@ -587,8 +616,18 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                 let Some(pf) = partitions.get_mut(partition as usize) else {
                     continue;
                 };
+                let Some(run_start) = pf.run_start else {
+                    continue;
+                };
+                if offset < run_start {
+                    // Read back only to refill the dedup window.
+                    if dedup_id != 0 && !dedup.is_duplicate(dedup_id) {
+                        dedup.record_appended(dedup_id, timestamp_ms);
+                    }
+                    continue;
+                }
                 // A record from before a reposition, still in flight.
-                if pf.run_start.is_none() || offset < pf.fetched_to {
+                if offset < pf.fetched_to {
                     continue;
                 }
                 pf.fetched_to = offset + 1;
@@ -763,20 +802,30 @@ impl EventLog for KafkaLog {
             ..
         } = &mut *fetch;
         let pf = &mut partitions[partition as usize];
-        let continues = pf
-            .run_start
-            .is_some_and(|start| from_offset >= start && from_offset <= pf.fetched_to);
+        if pf.run_start.is_some() && from_offset < pf.read_from {
+            return Err(LogError::InvalidArgument(format!(
+                "the Kafka log reads forward only: partition {partition} was read from offset {}, not {from_offset}",
+                pf.read_from
+            )));
+        }
+        let continues =
+            pf.run_start.is_some() && from_offset >= pf.read_from && from_offset <= pf.fetched_to;
         if !continues {
             *buffered -= pf.buffer.len();
             pf.buffer.clear();
             pf.run_start = Some(from_offset);
             pf.fetched_to = from_offset;
+            pf.read_from = from_offset;
+            pf.warm_from = from_offset
+                .saturating_sub(self.dedup_restore_records)
+                .max(self.start_offsets[partition as usize]);
             pf.at_end = false;
             *reposition = true;
             drop(fetch);
             self.shared.consumed.notify_all();
             return Ok(Vec::new());
         }
+        pf.read_from = from_offset;
         let mut dropped = 0;
         while pf.buffer.front().is_some_and(|r| r.offset < from_offset) {
             pf.buffer.pop_front();
@@ -822,7 +871,7 @@ impl EventLog for KafkaLog {
         fetch
             .partitions
             .iter()
-            .all(|p| p.run_start.is_some() && p.at_end && p.buffer.is_empty())
+            .all(|p| p.run_start.is_some() && p.at_end)
     }
 
     fn stats(&self) -> LogStats {

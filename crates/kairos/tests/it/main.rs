@@ -8,10 +8,14 @@
 //! - `web`: what browsers see: write keys, allowed origins and CORS, 429 with `Retry-After`, the
 //!   tracker bundles and demo shop served by the binary, the catalogue listing.
 //! - `eval`: `kairos eval` on hand-checked fixtures, its CLI output and determinism.
+//! - `kafka_log`: the Kafka-protocol event log's contract against a real broker (tansu).
+//!
+//! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic.
 
 mod api;
 mod crash;
 mod eval;
 mod golden;
+mod kafka_log;
 mod support;
 mod web;

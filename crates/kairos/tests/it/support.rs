@@ -155,13 +155,30 @@ impl Backend {
         }
     }
 
+    /// The `KAIROS_*` variables that put a `kairos serve` child on `data_dir` on this backend.
+    pub fn env(&self, data_dir: &Path) -> Vec<(String, String)> {
+        match self {
+            Backend::Embedded => Vec::new(),
+            Backend::Kafka { broker, partitions } => vec![
+                ("KAIROS_LOG".into(), format!("kafka://{}", broker.addr)),
+                ("KAIROS_KAFKA__TOPIC".into(), Self::topic(data_dir)),
+                ("KAIROS_KAFKA__PARTITIONS".into(), partitions.to_string()),
+            ],
+        }
+    }
+
+    /// The topic of a Kafka node on `data_dir`.
+    pub fn topic(data_dir: &Path) -> String {
+        data_dir.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
     /// `overrides` with the settings that put a node on `data_dir` on this backend. A Kafka node
     /// gets a topic of its own, named after its data directory, so restarts find it again.
     pub fn config(&self, data_dir: &Path, overrides: &str) -> String {
         match self {
             Backend::Embedded => overrides.to_owned(),
             Backend::Kafka { broker, partitions } => {
-                let topic = data_dir.file_name().unwrap().to_string_lossy();
+                let topic = Self::topic(data_dir);
                 format!(
                     "log = \"kafka://{}\"\n{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n",
                     broker.addr

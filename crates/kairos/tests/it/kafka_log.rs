@@ -1,0 +1,204 @@
+//! The Kafka-protocol event log against a real broker (tansu): the [`EventLog`] contract the
+//! processor and the API rely on, where it differs in mechanism from the embedded log.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kairos_log::{
+    partition_for, AppendOutcome, AppendRecord, EventLog, KafkaLog, KafkaLogConfig, LogError,
+    Record,
+};
+
+use crate::support::KafkaBroker;
+
+fn config(broker: &KafkaBroker, topic: &str) -> KafkaLogConfig {
+    KafkaLogConfig {
+        brokers: broker.addr.clone(),
+        topic: topic.into(),
+        partitions: 3,
+        ..KafkaLogConfig::default()
+    }
+}
+
+fn record(user: &str, n: u64, dedup_id: u64) -> AppendRecord {
+    AppendRecord {
+        key: user.as_bytes().to_vec(),
+        timestamp_ms: 1_700_000_000_000 + n as i64,
+        dedup_id,
+        payload: format!("{user}:{n}").into_bytes(),
+    }
+}
+
+/// Everything in `partition` from `from`, once the log has fetched it all.
+fn read_all(log: &dyn EventLog, partition: u32, from: u64) -> Vec<Record> {
+    let mut out = Vec::new();
+    let mut offset = from;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let batch = log.read(partition, offset, 1000).unwrap();
+        if batch.is_empty() {
+            if log.caught_up() {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition {partition} never caught up"
+            );
+            log.wait_committed(log.committed_seq(), Duration::from_millis(20));
+            continue;
+        }
+        offset = batch.last().unwrap().offset + 1;
+        out.extend(batch);
+    }
+}
+
+/// Acknowledged records come back in order per user, on the partition the Java client and the
+/// embedded log would choose, with their timestamps and dedup ids; sequence numbers follow
+/// acknowledgement, and an append's outcome carries the number a read must wait for.
+#[test]
+fn appends_come_back_in_order_per_user_with_their_sequence_numbers() {
+    let broker = KafkaBroker::start();
+    let log = KafkaLog::open(config(&broker, "contract")).unwrap();
+    assert_eq!(log.partition_count(), 3);
+    // The first read positions the consumer.
+    for p in 0..3 {
+        assert!(log.read(p, 0, 10).unwrap().is_empty());
+    }
+    let users = ["ada", "bob", "cy", "dee", "eve"];
+    let mut outcomes = Vec::new();
+    for n in 0..40u64 {
+        let batch = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| record(u, n, n * 10 + i as u64 + 1))
+            .collect();
+        outcomes.extend(log.append(batch).wait().unwrap());
+    }
+    let mut by_partition: HashMap<u32, Vec<Record>> = HashMap::new();
+    for p in 0..3 {
+        by_partition.insert(p, read_all(&log, p, 0));
+    }
+    assert_eq!(by_partition.values().map(Vec::len).sum::<usize>(), 200);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let AppendOutcome::Appended {
+            partition,
+            offset,
+            seq,
+        } = *outcome
+        else {
+            panic!("record {i} was not appended: {outcome:?}");
+        };
+        let user = users[i % users.len()];
+        assert_eq!(partition, partition_for(user.as_bytes(), 3), "{user}");
+        let r = &by_partition[&partition]
+            .iter()
+            .find(|r| r.offset == offset)
+            .unwrap();
+        assert_eq!(r.seq, seq, "the acknowledged seq is the record's");
+        assert_eq!(
+            r.payload,
+            format!("{user}:{}", i / users.len()).into_bytes()
+        );
+        assert_eq!(r.timestamp_ms, 1_700_000_000_000 + (i / users.len()) as i64);
+    }
+    for records in by_partition.values() {
+        assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+        for user in users {
+            let ns: Vec<u64> = records
+                .iter()
+                .filter_map(|r| {
+                    let text = String::from_utf8(r.payload.clone()).unwrap();
+                    let (u, n) = text.split_once(':').unwrap();
+                    (u == user).then(|| n.parse().unwrap())
+                })
+                .collect();
+            assert!(ns.windows(2).all(|w| w[0] < w[1]), "{user}: {ns:?}");
+        }
+    }
+    assert_eq!(log.committed_seq(), 200);
+    log.close().unwrap();
+    assert!(matches!(
+        log.append(vec![record("ada", 99, 0)]).wait(),
+        Err(LogError::Closed)
+    ));
+}
+
+/// A retry is dropped by the producer that delivered the original; a retry through another
+/// process (or after a restart) is dropped by the reader, also when the original lies before
+/// where the reader resumed.
+#[test]
+fn retries_are_applied_once_across_processes_and_restarts() {
+    let broker = KafkaBroker::start();
+    let cfg = KafkaLogConfig {
+        partitions: 1,
+        ..config(&broker, "dedup")
+    };
+    let first = KafkaLog::open(cfg.clone()).unwrap();
+    let _ = first.read(0, 0, 1).unwrap();
+    let originals: Vec<_> = (0..10).map(|n| record("ada", n, 1000 + n)).collect();
+    first.append(originals.clone()).wait().unwrap();
+    let again = first.append(originals[..3].to_vec()).wait().unwrap();
+    assert_eq!(again, vec![AppendOutcome::Duplicate; 3], "same producer");
+    let mut records = read_all(&first, 0, 0);
+    assert_eq!(records.len(), 10);
+
+    // Another process sends copies of three of them: they reach the topic, and the reader
+    // drops them.
+    let other = KafkaLog::open(KafkaLogConfig {
+        consume: false,
+        ..cfg.clone()
+    })
+    .unwrap();
+    let copies = other.append(originals[7..].to_vec()).wait().unwrap();
+    assert!(copies
+        .iter()
+        .all(|o| matches!(o, AppendOutcome::Appended { seq: 0, .. })));
+    other.close().unwrap();
+    let fresh = first.append(vec![record("ada", 10, 1010)]).wait().unwrap();
+    assert!(matches!(fresh[0], AppendOutcome::Appended { .. }));
+    records.extend(read_all(&first, 0, records.last().unwrap().offset + 1));
+    let payloads: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads.len(), 11, "copies were dropped");
+    assert_eq!(payloads[10], b"ada:10");
+    assert!(
+        matches!(first.read(0, 0, 1), Err(LogError::InvalidArgument(_))),
+        "a reader does not go back"
+    );
+    first.close().unwrap();
+
+    // A restarted reader resuming after the originals still recognises retries of them.
+    let resumed = KafkaLog::open(KafkaLogConfig {
+        start_seq: 11,
+        ..cfg
+    })
+    .unwrap();
+    let resume_at = records.last().unwrap().offset + 1;
+    let _ = resumed.read(0, resume_at, 1).unwrap();
+    let retried = resumed
+        .append(vec![record("ada", 4, 1004), record("ada", 11, 1011)])
+        .wait()
+        .unwrap();
+    assert_eq!(retried[0], AppendOutcome::Duplicate);
+    let after = read_all(&resumed, 0, resume_at);
+    assert_eq!(after.len(), 1, "only the new record: {after:?}");
+    assert_eq!(after[0].payload, b"ada:11");
+    assert_eq!(after[0].seq, 12, "numbering continues from the checkpoint");
+    resumed.close().unwrap();
+}
+
+/// An append is acknowledged only by the broker: with the broker gone it fails (the caller
+/// retries) instead of resolving Ok.
+#[test]
+fn no_acknowledgement_without_the_broker() {
+    let broker = KafkaBroker::start();
+    let log = KafkaLog::open(KafkaLogConfig {
+        ack_timeout: Duration::from_millis(1500),
+        ..config(&broker, "gone")
+    })
+    .unwrap();
+    let _ = log.read(0, 0, 1).unwrap();
+    log.append(vec![record("ada", 0, 1)]).wait().unwrap();
+    drop(broker);
+    let result = log.append(vec![record("ada", 1, 2)]).wait();
+    assert!(matches!(result, Err(LogError::Broker(_))), "{result:?}");
+}
