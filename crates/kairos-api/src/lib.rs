@@ -27,7 +27,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 
 use kairos_log::EventLog;
@@ -257,6 +257,48 @@ pub fn router(state: Arc<AppState>) -> Router {
             access::cors,
         ))
         .with_state(state)
+}
+
+/// The router of an ingest-only node (`kairos ingest`): the tracker endpoints, catalogue writes,
+/// health and metrics. It has no state to read, so reads get a `route_not_found` that says where
+/// they belong.
+pub fn ingest_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/batch", post(ingest::batch))
+        .route("/v1/validate", post(ingest::validate))
+        .route("/v1/track", post(ingest::track))
+        .route("/v1/page", post(ingest::page))
+        .route("/v1/identify", post(ingest::identify))
+        .route("/v1/alias", post(ingest::alias))
+        .route(
+            "/v1/items",
+            put(items::upsert).get(not_found_on_ingest_node),
+        )
+        .route(
+            "/v1/items/{id}",
+            delete(items::delete_item).get(not_found_on_ingest_node),
+        )
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(assets::sdk_routes())
+        .fallback(not_found_on_ingest_node)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::cors,
+        ))
+        .with_state(state)
+}
+
+async fn not_found_on_ingest_node(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::new(
+        Code::RouteNotFound,
+        format!(
+            "no route for {method} {} on this node: it runs the ingest role only; recommendations, profiles and catalogue reads are served by `kairos serve`",
+            uri.path()
+        ),
+    )
 }
 
 async fn healthz() -> Json<serde_json::Value> {

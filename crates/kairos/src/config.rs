@@ -117,6 +117,7 @@ impl Config {
         &self,
         brokers: &str,
         start_seq: u64,
+        consume: bool,
     ) -> Result<kairos_log::KafkaLogConfig, String> {
         let c = &self.kafka;
         if c.partitions == 0 {
@@ -128,7 +129,7 @@ impl Config {
             partitions: c.partitions,
             replication_factor: c.replication_factor,
             compression: c.compression.clone(),
-            consume: true,
+            consume,
             start_seq,
             dedup_window_ms: self.event_log.dedup_window_hours as i64 * 3_600_000,
             dedup_max_entries: self.event_log.dedup_max_entries,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use kairos::config::{self, DEFAULT_CONFIG};
 use kairos::eval::{self, EvalOptions, ReplayInput};
+use kairos::node::Role;
 use kairos::serve::{self, ServeOptions};
 
 #[derive(Parser)]
@@ -28,6 +29,10 @@ struct Cli {
 enum Command {
     /// Run the whole engine: ingest API, event log, processor, state and recommendation API.
     Serve(ServeArgs),
+    /// Run only the ingest API (tracker endpoints, catalogue writes), appending to a Kafka
+    /// topic (--log kafka://HOST:PORT) that a `kairos serve` on the same topic processes.
+    /// Stateless: run as many as the traffic needs.
+    Ingest(ServeArgs),
     /// Print the effective configuration (defaults, file, KAIROS_* variables) as TOML.
     Config {
         /// Print the commented built-in defaults instead.
@@ -208,6 +213,20 @@ fn run_eval(config_file: Option<&Path>, cmd: &EvalCommand) -> Result<(), String>
     Ok(())
 }
 
+/// `kairos serve` and `kairos ingest`: the effective configuration, then the node until a signal.
+fn run_node(config_file: Option<&Path>, args: ServeArgs, role: Role) -> Result<(), String> {
+    let c = config::load(config_file, std::env::vars(), flags_table(&args))?;
+    serve::init_tracing(&c.log_format, &c.log_level);
+    serve::run(
+        c,
+        ServeOptions {
+            role,
+            demo: args.demo,
+            demo_data: args.demo_data,
+        },
+    )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -224,20 +243,8 @@ fn main() -> ExitCode {
                 },
             )
         }
-        Command::Serve(args) => {
-            config::load(cli.config.as_deref(), std::env::vars(), flags_table(&args)).and_then(
-                |c| {
-                    serve::init_tracing(&c.log_format, &c.log_level);
-                    serve::run(
-                        c,
-                        ServeOptions {
-                            demo: args.demo,
-                            demo_data: args.demo_data,
-                        },
-                    )
-                },
-            )
-        }
+        Command::Serve(args) => run_node(cli.config.as_deref(), args, Role::All),
+        Command::Ingest(args) => run_node(cli.config.as_deref(), args, Role::Ingest),
         Command::Eval(cmd) => run_eval(cli.config.as_deref(), &cmd),
         Command::Bench(args) => {
             let options = kairos::bench::BenchOptions {

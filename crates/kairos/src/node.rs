@@ -1,7 +1,8 @@
 //! One Kairos node: the log, the state, the processor thread and the API, wired together.
 //!
-//! `kairos serve` builds a [`Node`] and serves its router; the integration tests build the same
-//! node in-process. Start-up order matters for correctness: the state is restored from its newest
+//! `kairos serve` builds a [`Node`] with every role and serves its router; the integration tests
+//! build the same node in-process. `kairos ingest` builds one with the ingest role only: the
+//! tracker endpoints appending to a Kafka topic, no processor and no state (see [`Role`]). Start-up order matters for correctness: the state is restored from its newest
 //! snapshot, then the processor replays the log from the snapshot's checkpoint before `/readyz`
 //! turns ready, so no read ever sees a state older than what was acknowledged before a restart.
 
@@ -18,10 +19,21 @@ use kairos_types::metrics::Registry;
 
 use crate::config::{Config, LogBackend, StateBackend};
 
+/// What a node runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: ingest, log, processor, state and the read API (`kairos serve`).
+    All,
+    /// Only the ingest API, appending to a shared (Kafka) log that other nodes process
+    /// (`kairos ingest`): stateless, so any number of them can run side by side.
+    Ingest,
+}
+
 pub struct Node {
     pub app: Arc<AppState>,
     pub log: Arc<dyn EventLog>,
     pub store: Arc<dyn StateStore>,
+    pub role: Role,
     stop: Arc<AtomicBool>,
     processor: Option<JoinHandle<Result<(), String>>>,
 }
@@ -30,6 +42,14 @@ impl Node {
     /// Opens the data directory and starts the processor thread. The node turns ready once the
     /// processor has replayed the log.
     pub fn start(config: &Config) -> Result<Node, String> {
+        Self::start_role(config, Role::All)
+    }
+
+    /// Starts a node running `role`.
+    pub fn start_role(config: &Config, role: Role) -> Result<Node, String> {
+        if role == Role::Ingest {
+            return Self::start_ingest(config);
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("creating data dir {}: {e}", config.data_dir.display()))?;
         let store: Arc<dyn StateStore> = match config.state_backend()? {
@@ -53,7 +73,7 @@ impl Node {
             #[cfg(feature = "kafka")]
             LogBackend::Kafka { brokers } => {
                 // Sequence numbers are stamped locally; they continue from the state's.
-                let settings = config.kafka_log_config(&brokers, store.checkpoint().seq)?;
+                let settings = config.kafka_log_config(&brokers, store.checkpoint().seq, true)?;
                 Arc::new(
                     kairos_log::KafkaLog::open(settings)
                         .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?,
@@ -117,13 +137,57 @@ impl Node {
             app,
             log,
             store,
+            role,
             stop,
             processor: Some(handle),
         })
     }
 
+    /// An ingest-only node: a Kafka log without a consumer, and an empty state nobody reads
+    /// (the ingest router has no read routes). Ready as soon as the topic is there.
+    fn start_ingest(config: &Config) -> Result<Node, String> {
+        let log: Arc<dyn EventLog> = match config.log_backend()? {
+            LogBackend::Embedded => {
+                return Err("the ingest role appends to a log other nodes process: it needs log = \"kafka://HOST:PORT\" (`kairos serve` runs everything on the embedded log)".into())
+            }
+            #[cfg(feature = "kafka")]
+            LogBackend::Kafka { brokers } => {
+                let settings = config.kafka_log_config(&brokers, 0, false)?;
+                Arc::new(
+                    kairos_log::KafkaLog::open(settings)
+                        .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?,
+                )
+            }
+            #[cfg(not(feature = "kafka"))]
+            LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
+        };
+        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory(config.model.clone()));
+        let registry = Arc::new(Registry::default());
+        let app = AppState::new(
+            log.clone(),
+            store.clone(),
+            Watermark::new(0),
+            config.ingest.clone(),
+            config.api.clone(),
+            config.recommend.clone(),
+            registry,
+        );
+        app.set_ready(true);
+        Ok(Node {
+            app,
+            log,
+            store,
+            role: Role::Ingest,
+            stop: Arc::new(AtomicBool::new(false)),
+            processor: None,
+        })
+    }
+
     pub fn router(&self) -> axum::Router {
-        kairos_api::router(self.app.clone())
+        match self.role {
+            Role::All => kairos_api::router(self.app.clone()),
+            Role::Ingest => kairos_api::ingest_router(self.app.clone()),
+        }
     }
 
     /// Blocks until the processor has replayed the log (or failed).
@@ -150,6 +214,7 @@ impl Node {
                 .map_err(|_| "processor thread panicked".to_string())?,
             None => Ok(()),
         };
+        // An ingest node's appends are flushed to the broker here.
         self.log.close().map_err(|e| format!("closing log: {e}"))?;
         result
     }

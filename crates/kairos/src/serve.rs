@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::node::Node;
+use crate::node::{Node, Role};
 
 pub struct ServeOptions {
+    pub role: Role,
     pub demo: bool,
     pub demo_data: Option<PathBuf>,
 }
@@ -57,7 +58,10 @@ pub fn run(config: Config, options: ServeOptions) -> Result<(), String> {
         .thread_name("kairos-api")
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
-    let node = Node::start(&config)?;
+    if options.demo && options.role != Role::All {
+        return Err("--demo needs the whole engine: use `kairos serve --demo`".into());
+    }
+    let node = Node::start_role(&config, options.role)?;
     if options.demo {
         match crate::demo::load(node.log.as_ref(), options.demo_data.as_deref())? {
             Some(summary) => tracing::info!("demo data loaded: {summary}"),
@@ -73,13 +77,14 @@ pub fn run(config: Config, options: ServeOptions) -> Result<(), String> {
     };
     let listen = config.listen;
     let demo = options.demo;
+    let role = options.role;
     let timeout = Duration::from_secs(config.shutdown_timeout_secs);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("binding {listen}: {e}"))?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(%local, data_dir = %config.data_dir.display(), "kairos listening");
+        tracing::info!(%local, data_dir = %config.data_dir.display(), role = ?role, "kairos listening");
         // Machine-readable line for scripts and tests that start on port 0.
         println!("kairos listening on http://{local}");
         if demo {

@@ -6,12 +6,11 @@
 //! delivers it, after dropping the retries' duplicate copies).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -20,47 +19,7 @@ use kairos_log::{EmbeddedLog, EventLog, KafkaLog, KafkaLogConfig};
 use kairos_state::{EmbeddedStore, LogPosition, State, StateStore};
 use kairos_types::LogEntry;
 
-use crate::support::{http, test_config, Backend, TempDir};
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-fn start_server(backend: &Backend, data_dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kairos"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .envs(backend.env(data_dir))
-        .env("KAIROS_LOG_LEVEL", "warn")
-        .env("KAIROS_PROCESSOR__SNAPSHOT_INTERVAL_SECS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start kairos serve");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("kairos serve exited before listening")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("kairos listening on http://") {
-            break rest.trim().to_owned();
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok((200, _)) = http(&addr, "GET", "/readyz", None, Duration::from_secs(2)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child, addr }
-}
+use crate::support::{http, test_config, Backend, Server, TempDir};
 
 fn terminate(mut server: Server) {
     let status = Command::new("kill")
@@ -155,7 +114,7 @@ fn crash_test(backend: &Backend) {
     eprintln!("crash test seed {seed}");
     let mut rng = Rng::new(seed);
 
-    let server = start_server(backend, dir.path());
+    let server = Server::start("serve", dir.path(), &backend.env(dir.path()));
     let addr = Arc::new(Mutex::new(Some(server.addr.clone())));
     let mut server = Some(server);
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -210,7 +169,7 @@ fn crash_test(backend: &Backend) {
             "round {round}: killed with {} events acknowledged",
             acked.lock().unwrap().len()
         );
-        let s = start_server(backend, dir.path());
+        let s = Server::start("serve", dir.path(), &backend.env(dir.path()));
         *addr.lock().unwrap() = Some(s.addr.clone());
         server = Some(s);
     }

@@ -1,5 +1,6 @@
 //! The Kafka-protocol event log against a real broker (tansu): the [`EventLog`] contract the
-//! processor and the API rely on, where it differs in mechanism from the embedded log.
+//! processor and the API rely on, where it differs in mechanism from the embedded log, and the
+//! ingest role that scales out on it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -9,7 +10,11 @@ use kairos_log::{
     Record,
 };
 
-use crate::support::KafkaBroker;
+use serde_json::{json, Value};
+
+use crate::support::{http, Backend, KafkaBroker, Server, TempDir};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn config(broker: &KafkaBroker, topic: &str) -> KafkaLogConfig {
     KafkaLogConfig {
@@ -201,4 +206,83 @@ fn no_acknowledgement_without_the_broker() {
     drop(broker);
     let result = log.append(vec![record("ada", 1, 2)]).wait();
     assert!(matches!(result, Err(LogError::Broker(_))), "{result:?}");
+}
+
+/// Scale-out ingest: a stateless `kairos ingest` appends to the topic that a `kairos serve`
+/// processes; what one acknowledges, the other serves. The ingest node has no reads.
+#[test]
+fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
+    let backend = Backend::kafka(4);
+    let (ingest_dir, serve_dir) = (TempDir::new("ingest-role"), TempDir::new("serve-role"));
+    let env = backend.env(serve_dir.path());
+    let ingest = Server::start("ingest", ingest_dir.path(), &env);
+    let serve = Server::start("serve", serve_dir.path(), &env);
+
+    let batch = json!({"batch": (0..30).map(|i| json!({
+        "type": "track", "event": "product_view", "userId": format!("u{}", i % 3),
+        "messageId": format!("m{i}"), "timestamp": 1_700_000_000_000i64 + i,
+        "properties": {"product_id": format!("p{}", i % 7)}
+    })).collect::<Vec<_>>()});
+    let body = serde_json::to_vec(&batch).unwrap();
+    let (status, resp) = http(&ingest.addr, "POST", "/v1/batch", Some(&body), TIMEOUT).unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let resp: Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(resp["accepted"], 30);
+    // A retry through the ingest node is a duplicate.
+    let (_, resp) = http(&ingest.addr, "POST", "/v1/batch", Some(&body), TIMEOUT).unwrap();
+    let resp: Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(resp["duplicates"], 30, "{resp}");
+
+    // The serving node applies them once (it follows the topic, not the ingest node's acks).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, profile) =
+            http(&serve.addr, "GET", "/v1/profiles?user_id=u0", None, TIMEOUT).unwrap();
+        assert_eq!(status, 200);
+        let profile: Value = serde_json::from_slice(&profile).unwrap();
+        if profile["counters"]["events"] == 10 {
+            break;
+        }
+        assert!(
+            profile["counters"]["events"].as_u64().unwrap_or(0) < 10,
+            "{profile}"
+        );
+        assert!(Instant::now() < deadline, "never applied: {profile}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Reads belong to the serving node; the ingest node says so.
+    let (status, resp) = http(
+        &ingest.addr,
+        "GET",
+        "/v1/recommendations?user_id=u0",
+        None,
+        TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(status, 404);
+    let resp: Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(resp["code"], "route_not_found");
+    assert!(
+        resp["message"].as_str().unwrap().contains("ingest role"),
+        "{resp}"
+    );
+    for mut server in [ingest, serve] {
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+    }
+}
+
+/// `kairos ingest` needs a log other nodes can read.
+#[test]
+fn the_ingest_role_refuses_the_embedded_log() {
+    let dir = TempDir::new("ingest-embedded");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kairos"))
+        .args(["ingest", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kafka://"), "{err}");
 }

@@ -1,7 +1,7 @@
 //! Test support: temporary nodes, in-process requests, and a minimal HTTP/1.1 client for child
 //! processes.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -69,6 +69,54 @@ pub fn test_config(data_dir: &Path, overrides: &str) -> Config {
     api.entry("read_others_writes_timeout_ms")
         .or_insert(toml::Value::Integer(60_000));
     config::load(None, std::iter::empty(), flags).unwrap()
+}
+
+/// A `kairos` child process (`serve`, `ingest`) on a free port, ready to take requests.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    /// Runs `kairos <command>` on `data_dir` with `env` (`KAIROS_*` settings) and waits until it
+    /// reports ready. Snapshots every second, so that a kill finds one recent.
+    pub fn start(command: &str, data_dir: &Path, env: &[(String, String)]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kairos"))
+            .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("KAIROS_LOG_LEVEL", "warn")
+            .env("KAIROS_PROCESSOR__SNAPSHOT_INTERVAL_SECS", "1")
+            .envs(env.iter().cloned())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start kairos");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("kairos exited before listening")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("kairos listening on http://") {
+                break rest.trim().to_owned();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http(&addr, "GET", "/readyz", None, Duration::from_secs(2)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kairos {command} never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, addr }
+    }
 }
 
 /// A tansu broker (the Kafka protocol, memory storage) on a free loopback port; killed on drop.
