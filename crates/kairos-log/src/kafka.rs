@@ -91,6 +91,9 @@ const DEDUP_HEADER: &str = "kairos-dedup-id";
 /// after its record was fetched back still finds its sequence number.
 const RECENT_STAMPS: usize = 8192;
 
+/// How often the consumer thread looks for appends it has not fetched back within `seq_wait`.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Settings of [`KafkaLog`].
 #[derive(Clone, Debug)]
 pub struct KafkaLogConfig {
@@ -542,10 +545,14 @@ fn low_watermarks(config: &KafkaLogConfig, partitions: u32) -> Result<Vec<u64>, 
 /// numbers, drops duplicates and settles appends waiting for their sequence numbers.
 fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered: usize) {
     let mut last_error: Option<Instant> = None;
+    let mut last_sweep = Instant::now();
     while !shared.stopping.load(Ordering::Acquire) {
         {
             let mut fetch = lock(&shared.fetch);
-            settle_overdue(&mut fetch, shared.seq_wait);
+            if last_sweep.elapsed() >= SWEEP_INTERVAL {
+                settle_overdue(&mut fetch, shared.seq_wait);
+                last_sweep = Instant::now();
+            }
             if fetch.reposition {
                 fetch.reposition = false;
                 let mut tpl = TopicPartitionList::new();

@@ -146,21 +146,7 @@ impl Node {
     /// An ingest-only node: a Kafka log without a consumer, and an empty state nobody reads
     /// (the ingest router has no read routes). Ready as soon as the topic is there.
     fn start_ingest(config: &Config) -> Result<Node, String> {
-        let log: Arc<dyn EventLog> = match config.log_backend()? {
-            LogBackend::Embedded => {
-                return Err("the ingest role appends to a log other nodes process: it needs log = \"kafka://HOST:PORT\" (`kairos serve` runs everything on the embedded log)".into())
-            }
-            #[cfg(feature = "kafka")]
-            LogBackend::Kafka { brokers } => {
-                let settings = config.kafka_log_config(&brokers, 0, false)?;
-                Arc::new(
-                    kairos_log::KafkaLog::open(settings)
-                        .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?,
-                )
-            }
-            #[cfg(not(feature = "kafka"))]
-            LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
-        };
+        let log = Self::open_ingest_log(config)?;
         let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory(config.model.clone()));
         let registry = Arc::new(Registry::default());
         let app = AppState::new(
@@ -181,6 +167,22 @@ impl Node {
             stop: Arc::new(AtomicBool::new(false)),
             processor: None,
         })
+    }
+
+    /// The log of an ingest node: a Kafka topic, appended to without a consumer.
+    fn open_ingest_log(config: &Config) -> Result<Arc<dyn EventLog>, String> {
+        match config.log_backend()? {
+            LogBackend::Embedded => Err("the ingest role appends to a log other nodes process: it needs log = \"kafka://HOST:PORT\" (`kairos serve` runs everything on the embedded log)".into()),
+            #[cfg(feature = "kafka")]
+            LogBackend::Kafka { brokers } => {
+                let settings = config.kafka_log_config(&brokers, 0, false)?;
+                let log = kairos_log::KafkaLog::open(settings)
+                    .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?;
+                Ok(Arc::new(log))
+            }
+            #[cfg(not(feature = "kafka"))]
+            LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
+        }
     }
 
     pub fn router(&self) -> axum::Router {
