@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use kairos_log::{AppendOutcome, AppendRecord};
+use kairos_types::event::EventKind;
 use kairos_types::{
     normalize_json, stable_hash64, ApiError, CallType, Code, Event, LogEntry, RequestContext,
 };
@@ -138,6 +139,9 @@ async fn append_events(app: &AppState, events: Vec<(Event, bool)>) -> ApiResult<
             } else {
                 0
             };
+            // Purchases also go to the log's transactions stream, where it keeps one.
+            let transaction = (event.kind() == EventKind::Purchase)
+                .then(|| serde_json::to_vec(&event).expect("an event serializes"));
             AppendRecord {
                 key: key.as_bytes().to_vec(),
                 // Ingestion time, not the client's event time: the log's dedup window and
@@ -145,6 +149,7 @@ async fn append_events(app: &AppState, events: Vec<(Event, bool)>) -> ApiResult<
                 timestamp_ms: event.received_at,
                 dedup_id,
                 payload: LogEntry::Event(event).encode(),
+                transaction,
             }
         })
         .collect();

@@ -30,6 +30,7 @@ async fn append_entries(app: &AppState, entries: Vec<LogEntry>) -> ApiResult<()>
             timestamp_ms: now,
             dedup_id: 0,
             payload: e.encode(),
+            transaction: None,
         })
         .collect();
     let outcomes = app

@@ -14,6 +14,10 @@
 //!   Java client, so one user's events stay in order in one partition.
 //! * The `dedup_id` travels in the record header `kairos-dedup-id` (8 bytes, little endian); the
 //!   event time is the record timestamp.
+//! * A record with a [`AppendRecord::transaction`] copy (a purchase) is also produced, with the
+//!   same key and headers, to the transactions topic (default `kairos.transactions`) for other
+//!   systems; this log never reads that topic, so each user's events keep one order. The append
+//!   resolves once both copies are acknowledged.
 //!
 //! ## Durability
 //!
@@ -101,6 +105,9 @@ pub struct KafkaLogConfig {
     pub brokers: String,
     /// The events topic.
     pub topic: String,
+    /// The topic that also receives every purchase (as JSON, for systems such as finance or an
+    /// ERP); `None` for none. Kairos itself does not read it.
+    pub transactions_topic: Option<String>,
     /// Partitions of the topic when this log creates it.
     pub partitions: u32,
     /// Replication factor of the topic when this log creates it (-1 = the broker's default).
@@ -133,6 +140,7 @@ impl Default for KafkaLogConfig {
         KafkaLogConfig {
             brokers: "127.0.0.1:9092".into(),
             topic: "kairos.events".into(),
+            transactions_topic: Some("kairos.transactions".into()),
             partitions: 8,
             replication_factor: -1,
             compression: "lz4".into(),
@@ -152,6 +160,7 @@ impl Default for KafkaLogConfig {
 /// An event log on a Kafka-protocol broker. See the module docs.
 pub struct KafkaLog {
     topic: String,
+    transactions_topic: Option<String>,
     partitions: u32,
     producer: ThreadedProducer<Delivery>,
     shared: Arc<Shared>,
@@ -212,7 +221,7 @@ struct PartitionFetch {
 
 struct Waiter {
     batch: Arc<PendingAppend>,
-    index: usize,
+    index: Option<usize>,
     since: Instant,
 }
 
@@ -229,11 +238,15 @@ struct PendingState {
 }
 
 impl PendingAppend {
-    fn settle(&self, index: usize, result: Result<AppendOutcome, LogError>) {
+    /// Settles one sent record: the record at `index` of the append, or (`None`) a purchase's
+    /// copy on the transactions topic, which has no outcome of its own but must be acknowledged
+    /// too.
+    fn settle(&self, index: Option<usize>, result: Result<AppendOutcome, LogError>) {
         let mut s = lock(&self.state);
-        match result {
-            Ok(outcome) => s.outcomes[index] = Some(outcome),
-            Err(e) => {
+        match (index, result) {
+            (Some(index), Ok(outcome)) => s.outcomes[index] = Some(outcome),
+            (None, Ok(_)) => {}
+            (_, Err(e)) => {
                 s.error.get_or_insert(e);
             }
         }
@@ -263,13 +276,36 @@ struct Delivery {
     shared: Arc<Shared>,
 }
 
+/// What a delivery report is about.
+struct Sent {
+    batch: Arc<PendingAppend>,
+    /// The record's index in its append; `None` for a purchase's copy on the transactions topic.
+    index: Option<usize>,
+    dedup_id: u64,
+    timestamp_ms: i64,
+}
+
 impl ClientContext for Delivery {}
 
 impl ProducerContext for Delivery {
-    type DeliveryOpaque = Box<(Arc<PendingAppend>, usize, u64, i64)>;
+    type DeliveryOpaque = Box<Sent>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (batch, index, dedup_id, timestamp_ms) = *opaque;
+        let Sent {
+            batch,
+            index,
+            dedup_id,
+            timestamp_ms,
+        } = *opaque;
+        let Some(index) = index else {
+            let result = match result {
+                Ok(_) => Ok(AppendOutcome::Duplicate),
+                Err((e, _)) => Err(broker_error("broker refused a transaction record", e)),
+            };
+            batch.settle(None, result);
+            return;
+        };
+        let index = Some(index);
         match result {
             Err((e, _)) => batch.settle(index, Err(broker_error("broker refused a record", e))),
             Ok(m) => {
@@ -379,7 +415,10 @@ impl KafkaLog {
                 "a Kafka topic needs at least one partition".into(),
             ));
         }
-        let partitions = ensure_topic(&config)?;
+        let partitions = ensure_topic(&config, &config.topic)?;
+        if let Some(topic) = &config.transactions_topic {
+            ensure_topic(&config, topic)?;
+        }
         let shared = Arc::new(Shared {
             fetch: Mutex::new(Fetch {
                 partitions: (0..partitions).map(|_| PartitionFetch::default()).collect(),
@@ -452,6 +491,7 @@ impl KafkaLog {
         tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, "Kafka event log open");
         Ok(KafkaLog {
             topic: config.topic,
+            transactions_topic: config.transactions_topic,
             partitions,
             producer,
             shared,
@@ -462,26 +502,55 @@ impl KafkaLog {
     }
 }
 
+impl KafkaLog {
+    /// Queues `payload` for `topic` with `r`'s key, timestamp and dedup id.
+    fn send(
+        &self,
+        topic: &str,
+        r: &AppendRecord,
+        payload: &[u8],
+        sent: Box<Sent>,
+    ) -> Result<(), LogError> {
+        let mut record = BaseRecord::with_opaque_to(topic, sent)
+            .key(&r.key[..])
+            .payload(payload)
+            .timestamp(r.timestamp_ms);
+        if r.dedup_id != 0 {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: DEDUP_HEADER,
+                value: Some(&r.dedup_id.to_le_bytes()[..]),
+            }));
+        }
+        self.producer.send(record).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => LogError::Overloaded {
+                pending_bytes: 0,
+                limit: 0,
+            },
+            e => broker_error("queueing a record for the broker", e),
+        })
+    }
+}
+
 /// Returns the topic's partition count, creating the topic first if the broker does not have it.
-fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
+fn ensure_topic(config: &KafkaLogConfig, topic: &str) -> Result<u32, LogError> {
     let probe: BaseConsumer = client_config(config, &[])
         .create()
         .map_err(|e| broker_error("creating a Kafka client", e))?;
     let count = |probe: &BaseConsumer| -> Result<u32, LogError> {
         let metadata = probe
-            .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
             .map_err(|e| broker_error(&format!("reaching the brokers {}", config.brokers), e))?;
         Ok(metadata
             .topics()
             .iter()
-            .find(|t| t.name() == config.topic && t.error().is_none())
+            .find(|t| t.name() == topic && t.error().is_none())
             .map_or(0, |t| t.partitions().len() as u32))
     };
     let existing = count(&probe)?;
     if existing > 0 {
         if existing != config.partitions {
             tracing::info!(
-                topic = %config.topic,
+                topic = %topic,
                 partitions = existing,
                 configured = config.partitions,
                 "using the existing topic's partition count"
@@ -492,16 +561,16 @@ fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
     let admin: AdminClient<DefaultClientContext> = client_config(config, &[])
         .create()
         .map_err(|e| broker_error("creating a Kafka admin client", e))?;
-    let topic = NewTopic::new(
-        &config.topic,
+    let new_topic = NewTopic::new(
+        topic,
         config.partitions as i32,
         TopicReplication::Fixed(config.replication_factor),
     );
     let results = block_on(admin.create_topics(
-        [&topic],
+        [&new_topic],
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
     ))
-    .map_err(|e| broker_error(&format!("creating topic {}", config.topic), e))?;
+    .map_err(|e| broker_error(&format!("creating topic {}", topic), e))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
@@ -519,7 +588,7 @@ fn ensure_topic(config: &KafkaLogConfig) -> Result<u32, LogError> {
         }
         if Instant::now() > deadline {
             return Err(broker_error(
-                &format!("topic {}", config.topic),
+                &format!("topic {}", topic),
                 "created but not visible in the metadata after 10 s",
             ));
         }
@@ -734,50 +803,49 @@ impl EventLog for KafkaLog {
         }
         let (completer, completion) = completion_pair(|| Err(LogError::Closed));
         let n = records.len();
+        let copies = match &self.transactions_topic {
+            Some(_) => records.iter().filter(|r| r.transaction.is_some()).count(),
+            None => 0,
+        };
         let pending = Arc::new(PendingAppend {
             state: Mutex::new(PendingState {
                 outcomes: vec![None; n],
-                remaining: n,
+                remaining: n + copies,
                 error: None,
                 completer: Some(completer),
             }),
         });
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         for (index, r) in records.iter().enumerate() {
+            let copy = self
+                .transactions_topic
+                .as_deref()
+                .zip(r.transaction.as_deref());
             if r.dedup_id != 0 && lock(&self.shared.produced).is_duplicate(r.dedup_id) {
                 self.shared.duplicates.fetch_add(1, Ordering::Relaxed);
-                pending.settle(index, Ok(AppendOutcome::Duplicate));
+                pending.settle(Some(index), Ok(AppendOutcome::Duplicate));
+                if copy.is_some() {
+                    pending.settle(None, Ok(AppendOutcome::Duplicate));
+                }
                 continue;
             }
-            let mut record = BaseRecord::with_opaque_to(
-                &self.topic,
-                Box::new((pending.clone(), index, r.dedup_id, r.timestamp_ms)),
-            )
-            .key(&r.key[..])
-            .payload(&r.payload[..])
-            .timestamp(r.timestamp_ms);
-            if r.dedup_id != 0 {
-                record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: DEDUP_HEADER,
-                    value: Some(&r.dedup_id.to_le_bytes()[..]),
-                }));
-            }
-            match self.producer.send(record) {
+            let sent = |index| {
+                Box::new(Sent {
+                    batch: pending.clone(),
+                    index,
+                    dedup_id: r.dedup_id,
+                    timestamp_ms: r.timestamp_ms,
+                })
+            };
+            match self.send(&self.topic, r, &r.payload, sent(Some(index))) {
                 Ok(()) => {
                     self.shared.appended.fetch_add(1, Ordering::Relaxed);
                 }
-                Err((e, record)) => {
-                    drop(record);
-                    let error = match e {
-                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                            LogError::Overloaded {
-                                pending_bytes: 0,
-                                limit: 0,
-                            }
-                        }
-                        e => broker_error("queueing a record for the broker", e),
-                    };
-                    pending.settle(index, Err(error));
+                Err(e) => pending.settle(Some(index), Err(e)),
+            }
+            if let Some((topic, json)) = copy {
+                if let Err(e) = self.send(topic, r, json, sent(None)) {
+                    pending.settle(None, Err(e));
                 }
             }
         }

@@ -211,6 +211,9 @@ pub struct AppendRecord {
     pub dedup_id: u64,
     /// Opaque event bytes.
     pub payload: Vec<u8>,
+    /// For a purchase, its JSON form for a log that publishes purchases on a stream of their own
+    /// for other systems (the Kafka log's transactions topic); the embedded log ignores it.
+    pub transaction: Option<Vec<u8>>,
 }
 
 /// What happened to one appended record.

@@ -75,6 +75,7 @@ fn record(key: &str, timestamp_ms: i64, dedup_id: u64, payload: &[u8]) -> Append
         timestamp_ms,
         dedup_id,
         payload: payload.to_vec(),
+        transaction: None,
     }
 }
 
@@ -868,6 +869,7 @@ fn oversized_records_and_config_are_rejected() {
     let log = EmbeddedLog::open(dir.path(), config(1, 1 << 20)).expect("open");
     let big = AppendRecord {
         payload: vec![0; MAX_PAYLOAD_BYTES + 1],
+        transaction: None,
         ..AppendRecord::default()
     };
     assert!(matches!(
@@ -1139,6 +1141,7 @@ fn throughput_fsync_always() {
                             timestamp_ms: 1_700_000_000_000,
                             dedup_id: ((t as u64) << 40) | ((i * batch + j) as u64 + 1),
                             payload: payload.clone(),
+                            transaction: None,
                         })
                         .collect();
                     append(&log, records);

@@ -553,6 +553,7 @@ mod tests {
                 timestamp_ms: 0,
                 dedup_id: i as u64 + 1,
                 payload: e.encode(),
+                transaction: None,
             })
             .collect();
         log.append(records).wait().unwrap();

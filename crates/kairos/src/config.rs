@@ -52,6 +52,7 @@ pub struct EventLogConfig {
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     pub topic: String,
+    pub transactions_topic: String,
     pub partitions: u32,
     pub replication_factor: i32,
     pub compression: String,
@@ -126,6 +127,8 @@ impl Config {
         Ok(kairos_log::KafkaLogConfig {
             brokers: brokers.to_owned(),
             topic: c.topic.clone(),
+            transactions_topic: (!c.transactions_topic.is_empty())
+                .then(|| c.transactions_topic.clone()),
             partitions: c.partitions,
             replication_factor: c.replication_factor,
             compression: c.compression.clone(),

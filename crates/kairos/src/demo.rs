@@ -174,6 +174,7 @@ fn append_all(log: &dyn EventLog, entries: Vec<LogEntry>) -> Result<(), String> 
                 timestamp_ms: kairos_types::time::now_ms(),
                 dedup_id: 0,
                 payload: e.encode(),
+                transaction: None,
             })
             .collect();
         log.append(records)

@@ -133,6 +133,7 @@ mod tests {
                     timestamp_ms: 1,
                     dedup_id: 0,
                     payload: vec![i; 5],
+                    transaction: None,
                 })
                 .collect();
             log.append(records).wait().unwrap();

@@ -31,6 +31,7 @@ fn record(user: &str, n: u64, dedup_id: u64) -> AppendRecord {
         timestamp_ms: 1_700_000_000_000 + n as i64,
         dedup_id,
         payload: format!("{user}:{n}").into_bytes(),
+        transaction: None,
     }
 }
 
@@ -191,6 +192,51 @@ fn retries_are_applied_once_across_processes_and_restarts() {
     resumed.close().unwrap();
 }
 
+/// A purchase is acknowledged once it is on both topics; the transactions topic gets it once,
+/// with its dedup id, and gets nothing else.
+#[test]
+fn purchases_are_published_once_on_the_transactions_topic() {
+    let broker = KafkaBroker::start();
+    let log = KafkaLog::open(KafkaLogConfig {
+        transactions_topic: Some("orders".into()),
+        ..config(&broker, "shop")
+    })
+    .unwrap();
+    let purchase = AppendRecord {
+        transaction: Some(br#"{"event":"purchase","messageId":"o-1"}"#.to_vec()),
+        ..record("ada", 1, 77)
+    };
+    let outcomes = log
+        .append(vec![record("ada", 0, 76), purchase.clone()])
+        .wait()
+        .unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, AppendOutcome::Appended { .. })));
+    let retry = log.append(vec![purchase]).wait().unwrap();
+    assert_eq!(retry, vec![AppendOutcome::Duplicate]);
+    log.close().unwrap();
+
+    let orders = KafkaLog::open(KafkaLogConfig {
+        transactions_topic: None,
+        ..config(&broker, "orders")
+    })
+    .unwrap();
+    let mut published = Vec::new();
+    for p in 0..orders.partition_count() {
+        let _ = orders.read(p, 0, 1).unwrap();
+    }
+    for p in 0..orders.partition_count() {
+        published.extend(read_all(&orders, p, 0));
+    }
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(
+        published[0].payload,
+        br#"{"event":"purchase","messageId":"o-1"}"#
+    );
+    assert_eq!(published[0].dedup_id, 77);
+}
+
 /// An append is acknowledged only by the broker: with the broker gone it fails (the caller
 /// retries) instead of resolving Ok.
 #[test]
@@ -218,11 +264,21 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
     let ingest = Server::start("ingest", ingest_dir.path(), &env);
     let serve = Server::start("serve", serve_dir.path(), &env);
 
-    let batch = json!({"batch": (0..30).map(|i| json!({
-        "type": "track", "event": "product_view", "userId": format!("u{}", i % 3),
-        "messageId": format!("m{i}"), "timestamp": 1_700_000_000_000i64 + i,
-        "properties": {"product_id": format!("p{}", i % 7)}
-    })).collect::<Vec<_>>()});
+    let mut events: Vec<Value> = (0..29)
+        .map(|i| {
+            json!({
+                "type": "track", "event": "product_view", "userId": format!("u{}", i % 3),
+                "messageId": format!("m{i}"), "timestamp": 1_700_000_000_000i64 + i,
+                "properties": {"product_id": format!("p{}", i % 7)}
+            })
+        })
+        .collect();
+    events.push(json!({
+        "type": "track", "event": "purchase", "userId": "u2", "messageId": "order-1",
+        "timestamp": 1_700_000_000_100i64,
+        "properties": {"order_id": "o1", "revenue": 25.0, "products": [{"product_id": "p1", "price": 25.0}]}
+    }));
+    let batch = json!({ "batch": events });
     let body = serde_json::to_vec(&batch).unwrap();
     let (status, resp) = http(&ingest.addr, "POST", "/v1/batch", Some(&body), TIMEOUT).unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
@@ -251,6 +307,29 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // The purchase was also published, once and as JSON, on the transactions topic.
+    let transactions = KafkaLog::open(KafkaLogConfig {
+        brokers: match &backend {
+            Backend::Kafka { broker, .. } => broker.addr.clone(),
+            Backend::Embedded => unreachable!(),
+        },
+        topic: "kairos.transactions".into(),
+        transactions_topic: None,
+        ..KafkaLogConfig::default()
+    })
+    .unwrap();
+    let mut published = Vec::new();
+    for p in 0..transactions.partition_count() {
+        let _ = transactions.read(p, 0, 1).unwrap();
+    }
+    for p in 0..transactions.partition_count() {
+        published.extend(read_all(&transactions, p, 0));
+    }
+    assert_eq!(published.len(), 1, "{published:?}");
+    let purchase: Value = serde_json::from_slice(&published[0].payload).unwrap();
+    assert_eq!(purchase["messageId"], "order-1", "{purchase}");
+    assert_eq!(purchase["properties"]["revenue"], 25.0, "{purchase}");
+
     // Reads belong to the serving node; the ingest node says so.
     let (status, resp) = http(
         &ingest.addr,
@@ -267,10 +346,6 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
         resp["message"].as_str().unwrap().contains("ingest role"),
         "{resp}"
     );
-    for mut server in [ingest, serve] {
-        server.child.kill().unwrap();
-        server.child.wait().unwrap();
-    }
 }
 
 /// `kairos ingest` needs a log other nodes can read.

@@ -119,6 +119,14 @@ impl Server {
     }
 }
 
+/// Killed if the test did not stop it, so that a failing test leaves no process behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A tansu broker (the Kafka protocol, memory storage) on a free loopback port; killed on drop.
 pub struct KafkaBroker {
     child: Child,
