@@ -79,6 +79,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::completion::{completion_pair, Completer, Completion};
@@ -183,6 +184,8 @@ struct Shared {
     closed: AtomicBool,
     /// The consumer thread stops.
     stopping: AtomicBool,
+    /// The idempotent producer has its producer id.
+    producer_id: AtomicBool,
     appended: AtomicU64,
     duplicates: AtomicU64,
     batches: AtomicU64,
@@ -285,7 +288,48 @@ struct Sent {
     timestamp_ms: i64,
 }
 
-impl ClientContext for Delivery {}
+impl ClientContext for Delivery {
+    fn stats(&self, statistics: Statistics) {
+        if statistics
+            .eos
+            .is_some_and(|eos| eos.idemp_state == "Assigned")
+            && !self.shared.producer_id.swap(true, Ordering::AcqRel)
+        {
+            // Take the lock so that the notification cannot slip between a waiter's check
+            // and its wait.
+            drop(lock(&self.shared.fetch));
+            self.shared.fetched.notify_all();
+        }
+    }
+}
+
+/// How long opening the log waits for the producer id before going on without it.
+const PRODUCER_ID_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the idempotent producer has its producer id. Until then librdkafka holds every
+/// record back (for up to a second after start with some brokers), so a node that reported ready
+/// earlier would answer its first requests that much later.
+fn wait_for_producer_id(shared: &Shared, timeout: Duration) {
+    let started = Instant::now();
+    let fetch = lock(&shared.fetch);
+    let (_fetch, waited) = shared
+        .fetched
+        .wait_timeout_while(fetch, timeout, |_| {
+            !shared.producer_id.load(Ordering::Acquire)
+        })
+        .unwrap_or_else(|e| e.into_inner());
+    if waited.timed_out() {
+        tracing::warn!(
+            secs = timeout.as_secs(),
+            "the Kafka producer has no producer id yet; going on, appends wait for it"
+        );
+    } else {
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "Kafka producer id assigned"
+        );
+    }
+}
 
 impl ProducerContext for Delivery {
     type DeliveryOpaque = Box<Sent>;
@@ -437,12 +481,17 @@ impl KafkaLog {
             consume: config.consume,
             closed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            producer_id: AtomicBool::new(false),
             appended: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             seq_wait: config.seq_wait,
         });
         let ack_timeout_ms = config.ack_timeout.as_millis().to_string();
+        let idempotent = !config
+            .properties
+            .iter()
+            .any(|(k, v)| k == "enable.idempotence" && v == "false");
         let producer: ThreadedProducer<Delivery> = client_config(
             &config,
             &[
@@ -452,12 +501,21 @@ impl KafkaLog {
                 ("partitioner", "murmur2_random"),
                 ("linger.ms", "2"),
                 ("message.timeout.ms", &ack_timeout_ms),
+                // Only to learn when the producer id is assigned (see `wait_for_producer_id`).
+                ("statistics.interval.ms", "100"),
             ],
         )
         .create_with_context(Delivery {
             shared: shared.clone(),
         })
         .map_err(|e| broker_error("creating the Kafka producer", e))?;
+        producer
+            .client()
+            .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
+            .map_err(|e| broker_error("reading the topic's metadata", e))?;
+        if idempotent {
+            wait_for_producer_id(&shared, PRODUCER_ID_WAIT);
+        }
         let start_offsets = low_watermarks(&config, partitions)?;
         let consumer = if config.consume {
             let consumer: BaseConsumer = client_config(
