@@ -343,6 +343,7 @@ pub fn register_state_gauges(
     registry: &Registry,
     log: Arc<dyn EventLog>,
     store: Arc<dyn StateStore>,
+    watermark: Watermark,
 ) {
     let l = log.clone();
     registry.computed(
@@ -357,6 +358,13 @@ pub fn register_state_gauges(
         "Last committed log sequence number.",
         &[],
         move || l.committed_seq() as f64,
+    );
+    let l = log.clone();
+    registry.computed(
+        "kairos_processor_consumer_lag",
+        "Log records committed (on Kafka: fetched) but not yet applied to the state.",
+        &[],
+        move || l.committed_seq().saturating_sub(watermark.get()) as f64,
     );
     let s = store.clone();
     registry.computed(

@@ -973,6 +973,8 @@ impl EventLog for KafkaLog {
         Ok(out)
     }
 
+    /// What was fetched so far: the brokers' own end offsets are not asked for (tansu, for one,
+    /// reports them far too low).
     fn end_offsets(&self) -> Vec<u64> {
         lock(&self.shared.fetch)
             .partitions

@@ -85,7 +85,7 @@ impl Node {
         let registry = Arc::new(Registry::default());
         let watermark = Watermark::new(store.checkpoint().seq);
         let metrics = Arc::new(ProcessorMetrics::new(&registry));
-        register_state_gauges(&registry, log.clone(), store.clone());
+        register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
         let app = AppState::new(
             log.clone(),
             store.clone(),

@@ -471,6 +471,8 @@ async fn every_endpoint_and_error_code_on(backend: Backend) {
         "kairos_log_bytes",
         "kairos_state_users",
         "kairos_cache_hit_ratio",
+        // Everything acknowledged was applied before the reads above answered.
+        "kairos_processor_consumer_lag 0",
     ] {
         assert!(text.contains(metric), "missing {metric} in\n{text}");
     }
@@ -775,4 +777,42 @@ async fn catalogue_changes_refresh_cached_lists_on(backend: Backend) {
         .await;
     assert_eq!(ids(&rec), ["new-2"], "{rec}");
     node.shutdown();
+}
+
+/// The processor's lag is what the log committed beyond what the state applied.
+#[test]
+fn consumer_lag_counts_committed_records_not_yet_applied() {
+    use std::sync::Arc;
+
+    use kairos_log::{AppendRecord, EmbeddedLog, EmbeddedLogConfig, EventLog, FsyncPolicy};
+    use kairos_processor::Watermark;
+    use kairos_state::{EmbeddedStore, StateConfig};
+    use kairos_types::metrics::Registry;
+
+    let dir = TempDir::new("lag");
+    let log = EmbeddedLog::open(
+        dir.path(),
+        EmbeddedLogConfig {
+            fsync: FsyncPolicy::Never,
+            ..EmbeddedLogConfig::default()
+        },
+    )
+    .unwrap();
+    let records = (0..10u8)
+        .map(|i| AppendRecord {
+            key: vec![i],
+            payload: vec![i],
+            ..AppendRecord::default()
+        })
+        .collect();
+    log.append(records).wait().unwrap();
+    let registry = Registry::default();
+    kairos_api::register_state_gauges(
+        &registry,
+        Arc::new(log),
+        Arc::new(EmbeddedStore::in_memory(StateConfig::default())),
+        Watermark::new(4),
+    );
+    let text = registry.render();
+    assert!(text.contains("kairos_processor_consumer_lag 6\n"), "{text}");
 }
