@@ -33,7 +33,7 @@ pub enum FsyncPolicy {
 /// at creation; everything else may change between opens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmbeddedLogConfig {
-    /// Number of partitions (default 4). Fixed when the log is created.
+    /// Number of partitions (default 1). Fixed when the log is created.
     pub partitions: u32,
     /// A segment is rolled when the next record would take it past this size
     /// (default 128 MiB). A single record larger than this gets a segment of
@@ -68,7 +68,7 @@ pub(crate) const MAX_PARTITIONS: u32 = 100_000;
 impl Default for EmbeddedLogConfig {
     fn default() -> Self {
         EmbeddedLogConfig {
-            partitions: 4,
+            partitions: 1,
             segment_bytes: 128 * 1024 * 1024,
             retention_bytes: None,
             retention_ms: None,

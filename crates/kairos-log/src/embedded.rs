@@ -88,6 +88,12 @@ fn now_ms() -> i64 {
 }
 
 impl EmbeddedLog {
+    /// The partition count of the log in `dir`, if there is one: it is fixed when the log is
+    /// created, and [`EmbeddedLog::open`] refuses any other.
+    pub fn stored_partitions(dir: &Path) -> Result<Option<u32>, LogError> {
+        Ok(crate::meta::read_meta(dir)?.map(|meta| meta.partitions))
+    }
+
     /// Opens the log in `dir`, creating it if it does not exist, recovering
     /// torn tails, rebuilding the dedup window and starting the writer thread.
     pub fn open(dir: &Path, config: EmbeddedLogConfig) -> Result<Self, LogError> {

@@ -522,23 +522,28 @@ impl SessionModel {
         }
         let cap = self.config.max_sessions_per_item;
         let list = &mut self.postings[item as usize];
-        if already {
-            // Move the session to the most recent end of the item's posting list.
-            if list.back() != Some(&slot) {
-                if let Some(pos) = list.iter().rposition(|&s| s == slot) {
-                    list.remove(pos);
+        if list.back() != Some(&slot) {
+            // Move the session to the most recent end of the item's posting list. It may be
+            // missing from the list although it holds the item: a full list drops its oldest
+            // sessions, which keep their clicks. Then it comes back as a newcomer, within the cap.
+            let listed = already
+                && list
+                    .iter()
+                    .rposition(|&s| s == slot)
+                    .map(|pos| list.remove(pos))
+                    .is_some();
+            if !listed {
+                while list.len() >= cap {
+                    list.pop_front();
                 }
-                list.push_back(slot);
-            }
-        } else {
-            while list.len() >= cap {
-                list.pop_front();
-            }
-            if list.len() == list.capacity() {
-                let grow = (list.len().max(2) * 2).min(cap) - list.len();
-                list.reserve_exact(grow.max(1));
+                if list.len() == list.capacity() {
+                    let grow = (list.len().max(2) * 2).min(cap) - list.len();
+                    list.reserve_exact(grow.max(1));
+                }
             }
             list.push_back(slot);
+        }
+        if !already {
             self.set_df(item, self.df[item as usize] + 1);
         }
     }

@@ -65,7 +65,18 @@ impl Node {
             LogBackend::Embedded => {
                 let dir = config.data_dir.join("log");
                 let started = Instant::now();
-                let log = EmbeddedLog::open(&dir, config.embedded_log_config()?)
+                let mut settings = config.embedded_log_config()?;
+                let stored = EmbeddedLog::stored_partitions(&dir)
+                    .map_err(|e| format!("reading event log {}: {e}", dir.display()))?;
+                if let Some(stored) = stored.filter(|&p| p != settings.partitions) {
+                    tracing::info!(
+                        partitions = stored,
+                        configured = settings.partitions,
+                        "the event log keeps the partition count it was created with"
+                    );
+                    settings.partitions = stored;
+                }
+                let log = EmbeddedLog::open(&dir, settings)
                     .map_err(|e| format!("opening event log {}: {e}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), ms = started.elapsed().as_millis() as u64, committed_seq = log.committed_seq(), "event log open");
                 Arc::new(log)

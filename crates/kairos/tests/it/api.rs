@@ -816,3 +816,32 @@ fn consumer_lag_counts_committed_records_not_yet_applied() {
     let text = registry.render();
     assert!(text.contains("kairos_processor_consumer_lag 6\n"), "{text}");
 }
+
+/// An existing embedded log keeps the partition count it was created with, whatever the
+/// configuration says now (the default changed from 4 to 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_log_keeps_its_partition_count() {
+    let dir = TempDir::new("partitions");
+    let node = TestNode::start(dir.path(), "[event_log]\npartitions = 3\n");
+    let batch: Vec<Value> = (0..12)
+        .map(|i| view(&format!("anon-{i}"), "a", 1_000 + i, &format!("m-{i}")))
+        .collect();
+    let (s, body) = node.post("/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    node.shutdown();
+
+    let node = TestNode::start(dir.path(), "");
+    assert_eq!(node.node().log.partition_count(), 3);
+    let (s, body) = node
+        .post(
+            "/v1/batch",
+            &json!({ "batch": [view("anon-99", "a", 2_000, "m-99")] }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    for who in ["anon-0", "anon-11", "anon-99"] {
+        let (_, profile) = node.get(&format!("/v1/profiles?anonymous_id={who}")).await;
+        assert_eq!(profile["counters"]["events"], 1, "{who}: {profile}");
+    }
+    node.shutdown();
+}
