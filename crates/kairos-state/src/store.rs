@@ -189,6 +189,7 @@ impl StateStore for EmbeddedStore {
         // writer is this thread, now in the child), allocates (glibc's malloc is made fork-safe
         // by its own fork handlers), writes files and leaves with `_exit`, running no destructor,
         // no other thread's code and no lock another thread could hold (caches, logging).
+        let forking = std::time::Instant::now();
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let written = serialize(&state)
@@ -197,6 +198,12 @@ impl StateStore for EmbeddedStore {
             unsafe { libc::_exit(i32::from(written.is_err())) }
         }
         drop(state);
+        // fork() copies the page tables of the whole (large) heap, and every thread of the
+        // process waits meanwhile: the pause readers see.
+        tracing::info!(
+            pause_ms = (forking.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+            "snapshot started in a forked child"
+        );
         if pid < 0 {
             let error = std::io::Error::last_os_error();
             tracing::warn!(%error, "cannot fork for a background snapshot; taking it synchronously");
