@@ -232,13 +232,7 @@ impl AppState {
 
 /// The full router (the demo shop is added by [`with_demo_shop`]).
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/batch", post(ingest::batch))
-        .route("/v1/validate", post(ingest::validate))
-        .route("/v1/track", post(ingest::track))
-        .route("/v1/page", post(ingest::page))
-        .route("/v1/identify", post(ingest::identify))
-        .route("/v1/alias", post(ingest::alias))
+    let routes = tracker_routes()
         .route("/v1/items", put(items::upsert).get(catalog::list))
         .route(
             "/v1/items/{id}",
@@ -246,30 +240,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/recommendations", get(recommendations::recommend))
         .route("/v1/profiles", get(recommendations::profile))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(assets::sdk_routes())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            access::cors,
-        ))
-        .with_state(state)
+        .fallback(not_found);
+    with_common_routes(routes, state)
 }
 
 /// The router of an ingest-only node (`kairos ingest`): the tracker endpoints, catalogue writes,
 /// health and metrics. It has no state to read, so reads get a `route_not_found` that says where
 /// they belong.
 pub fn ingest_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/batch", post(ingest::batch))
-        .route("/v1/validate", post(ingest::validate))
-        .route("/v1/track", post(ingest::track))
-        .route("/v1/page", post(ingest::page))
-        .route("/v1/identify", post(ingest::identify))
-        .route("/v1/alias", post(ingest::alias))
+    let routes = tracker_routes()
         .route(
             "/v1/items",
             put(items::upsert).get(not_found_on_ingest_node),
@@ -278,11 +257,28 @@ pub fn ingest_router(state: Arc<AppState>) -> Router {
             "/v1/items/{id}",
             delete(items::delete_item).get(not_found_on_ingest_node),
         )
+        .fallback(not_found_on_ingest_node);
+    with_common_routes(routes, state)
+}
+
+/// The tracker's endpoints, which every role serves.
+fn tracker_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/batch", post(ingest::batch))
+        .route("/v1/validate", post(ingest::validate))
+        .route("/v1/track", post(ingest::track))
+        .route("/v1/page", post(ingest::page))
+        .route("/v1/identify", post(ingest::identify))
+        .route("/v1/alias", post(ingest::alias))
+}
+
+/// Health, readiness, metrics and the tracker bundles, with CORS, around a role's `routes`.
+fn with_common_routes(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(assets::sdk_routes())
-        .fallback(not_found_on_ingest_node)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
