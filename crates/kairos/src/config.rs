@@ -75,6 +75,9 @@ pub enum LogBackend {
 pub enum StateBackend {
     /// In memory with snapshots under `<data_dir>/state`.
     Embedded,
+    /// Redis or Redis Cluster: recognised, so that a configuration shared by every role (the
+    /// ingest role has no state) loads, but not built yet; a role that needs state refuses it.
+    Redis { url: String },
 }
 
 impl Config {
@@ -106,10 +109,14 @@ impl Config {
     pub fn state_backend(&self) -> Result<StateBackend, String> {
         match self.state.as_str() {
             "embedded" => Ok(StateBackend::Embedded),
-            other if other.starts_with("redis://") || other.starts_with("redis-cluster://") => Err(format!(
-                "state backend {other:?}: the Redis backend is not part of this build yet; use \"embedded\""
+            other if other.starts_with("redis://") || other.starts_with("redis-cluster://") => {
+                Ok(StateBackend::Redis {
+                    url: other.to_owned(),
+                })
+            }
+            other => Err(format!(
+                "unknown state backend {other:?}; expected \"embedded\" (or, later, \"redis://HOST:PORT\")"
             )),
-            other => Err(format!("unknown state backend {other:?}; expected \"embedded\"")),
         }
     }
 

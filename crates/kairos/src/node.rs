@@ -60,6 +60,11 @@ impl Node {
                         .map_err(|e| format!("opening state {}: {e}", dir.display()))?,
                 )
             }
+            StateBackend::Redis { url } => {
+                return Err(format!(
+                    "state backend {url:?}: the Redis state is not part of this build yet; use \"embedded\" (`kairos ingest` needs no state)"
+                ))
+            }
         };
         let log: Arc<dyn EventLog> = match config.log_backend()? {
             LogBackend::Embedded => {

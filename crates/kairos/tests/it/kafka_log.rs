@@ -261,7 +261,11 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
     let backend = Backend::kafka(4);
     let (ingest_dir, serve_dir) = (TempDir::new("ingest-role"), TempDir::new("serve-role"));
     let env = backend.env(serve_dir.path());
-    let ingest = Server::start("ingest", ingest_dir.path(), &env);
+    // The ingest role has no state: a configuration shared with roles that do (here a Redis
+    // state, which serve would refuse) starts it all the same.
+    let mut ingest_env = env.clone();
+    ingest_env.push(("KAIROS_STATE".into(), "redis://127.0.0.1:1".into()));
+    let ingest = Server::start("ingest", ingest_dir.path(), &ingest_env);
     let serve = Server::start("serve", serve_dir.path(), &env);
 
     let mut events: Vec<Value> = (0..29)
@@ -346,6 +350,27 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
         resp["message"].as_str().unwrap().contains("ingest role"),
         "{resp}"
     );
+}
+
+/// A Redis state is recognised but not built: `kairos serve` says so and stops.
+#[test]
+fn serve_refuses_the_redis_state_it_does_not_have_yet() {
+    let dir = TempDir::new("serve-redis");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kairos"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            "redis://127.0.0.1:1",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not part of this build yet"), "{err}");
 }
 
 /// `kairos ingest` needs a log other nodes can read.
