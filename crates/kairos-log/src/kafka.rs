@@ -186,6 +186,11 @@ struct Shared {
     stopping: AtomicBool,
     /// The idempotent producer has its producer id.
     producer_id: AtomicBool,
+    /// The brokers no longer hold a position being read (a recreated or truncated topic, or
+    /// retention ahead of the reader). Reads fail from then on, which stops the processor and
+    /// takes the node out of readiness: records below the state's checkpoint would otherwise be
+    /// skipped without a word.
+    offsets_lost: AtomicBool,
     appended: AtomicU64,
     duplicates: AtomicU64,
     batches: AtomicU64,
@@ -482,6 +487,7 @@ impl KafkaLog {
             closed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             producer_id: AtomicBool::new(false),
+            offsets_lost: AtomicBool::new(false),
             appended: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -527,7 +533,9 @@ impl KafkaLog {
                     ("enable.auto.commit", "false"),
                     ("enable.auto.offset.store", "false"),
                     ("enable.partition.eof", "true"),
-                    ("auto.offset.reset", "earliest"),
+                    // A position the brokers no longer have is an error, not a silent jump: see
+                    // `Shared::offsets_lost`.
+                    ("auto.offset.reset", "error"),
                     ("fetch.wait.max.ms", "10"),
                     ("queued.max.messages.kbytes", "16384"),
                 ],
@@ -717,6 +725,11 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                     pf.at_end = true;
                 }
                 drop(fetch);
+                shared.fetched.notify_all();
+            }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                tracing::error!("a partition of the Kafka topic no longer holds the position being read: the topic was recreated or truncated, or retention deleted records before they were applied");
+                shared.offsets_lost.store(true, Ordering::Release);
                 shared.fetched.notify_all();
             }
             Some(Err(e)) if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) => {
@@ -925,6 +938,12 @@ impl EventLog for KafkaLog {
         if !self.shared.consume {
             return Err(LogError::InvalidArgument(
                 "this Kafka log was opened without a consumer".into(),
+            ));
+        }
+        if self.shared.offsets_lost.load(Ordering::Acquire) {
+            return Err(broker_error(
+                &format!("topic {}", self.topic),
+                "a partition no longer holds the position being read (the topic was recreated or truncated, or retention ran ahead of the processor); to rebuild the state from what the topic holds now, start with an empty data directory",
             ));
         }
         let mut fetch = lock(&self.shared.fetch);

@@ -135,13 +135,22 @@ pub struct KafkaBroker {
 
 impl KafkaBroker {
     pub fn start() -> KafkaBroker {
-        let bin = tansu_binary();
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
+            if let Some(broker) = Self::try_start_on(port) {
+                return broker;
+            }
+        }
+        panic!("tansu did not start on a free port in five tries");
+    }
+
+    fn try_start_on(port: u16) -> Option<KafkaBroker> {
+        let bin = tansu_binary();
+        {
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
             let mut child = Command::new(&bin)
@@ -159,7 +168,7 @@ impl KafkaBroker {
                 if TcpStream::connect(&addr).is_ok() {
                     std::thread::sleep(Duration::from_millis(50));
                     if child.try_wait().unwrap().is_none() {
-                        return KafkaBroker { child, addr };
+                        return Some(KafkaBroker { child, addr });
                     }
                     break;
                 }
@@ -168,7 +177,7 @@ impl KafkaBroker {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("tansu did not start on a free port in five tries");
+        None
     }
 }
 
