@@ -153,6 +153,34 @@ test("events are flushed when the page is hidden or left", async () => {
   await context.close();
 });
 
+test("where fetch has no keepalive, a hidden page's events go out with sendBeacon", async () => {
+  const context = await browser.newContext();
+  // A browser without keepalive fetch, and a count of the beacons the page sends.
+  await context.addInitScript(() => {
+    delete Request.prototype.keepalive;
+    const send = navigator.sendBeacon.bind(navigator);
+    window.beacons = 0;
+    navigator.sendBeacon = (url, data) => {
+      window.beacons += 1;
+      return send(url, data);
+    };
+  });
+  const { page, anonymousId } = await open("/lazy", context);
+  assert.equal(await page.evaluate(() => "keepalive" in Request.prototype), false);
+  await page.evaluate(() => kairos.track("product_view", { product_id: "b1" }));
+  await sleep(300);
+  assert.equal(await page.evaluate(() => window.beacons), 0, "batching: nothing sent yet");
+  await page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { value: "hidden", configurable: true });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await eventually(async () => (await kairos.counters(`anonymous_id=${anonymousId}`)).product_views == 1, 10000, "beacon delivered");
+  assert.equal(await page.evaluate(() => window.beacons), 1);
+  await sleep(500);
+  assert.equal((await kairos.counters(`anonymous_id=${anonymousId}`)).product_views, 1, "once");
+  await context.close();
+});
+
 test("consent required and not given: nothing is sent or stored", async () => {
   const context = await browser.newContext();
   const batches = recordBatches(context);
