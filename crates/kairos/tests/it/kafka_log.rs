@@ -58,6 +58,24 @@ fn read_all(log: &dyn EventLog, partition: u32, from: u64) -> Vec<Record> {
     }
 }
 
+/// Every record of `topic`, read by a log of its own.
+fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
+    let log = KafkaLog::open(KafkaLogConfig {
+        brokers: brokers.into(),
+        topic: topic.into(),
+        transactions_topic: None,
+        ..KafkaLogConfig::default()
+    })
+    .unwrap();
+    // The first read of each partition positions the reader.
+    for p in 0..log.partition_count() {
+        let _ = log.read(p, 0, 1).unwrap();
+    }
+    (0..log.partition_count())
+        .flat_map(|p| read_all(&log, p, 0))
+        .collect()
+}
+
 /// Acknowledged records come back in order per user, on the partition the Java client and the
 /// embedded log would choose, with their timestamps and dedup ids; sequence numbers follow
 /// acknowledgement, and an append's outcome carries the number a read must wait for.
@@ -217,18 +235,7 @@ fn purchases_are_published_once_on_the_transactions_topic() {
     assert_eq!(retry, vec![AppendOutcome::Duplicate]);
     log.close().unwrap();
 
-    let orders = KafkaLog::open(KafkaLogConfig {
-        transactions_topic: None,
-        ..config(&broker, "orders")
-    })
-    .unwrap();
-    let mut published = Vec::new();
-    for p in 0..orders.partition_count() {
-        let _ = orders.read(p, 0, 1).unwrap();
-    }
-    for p in 0..orders.partition_count() {
-        published.extend(read_all(&orders, p, 0));
-    }
+    let published = read_topic(&broker.addr, "orders");
     assert_eq!(published.len(), 1, "{published:?}");
     assert_eq!(
         published[0].payload,
@@ -312,23 +319,10 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
     }
 
     // The purchase was also published, once and as JSON, on the transactions topic.
-    let transactions = KafkaLog::open(KafkaLogConfig {
-        brokers: match &backend {
-            Backend::Kafka { broker, .. } => broker.addr.clone(),
-            Backend::Embedded => unreachable!(),
-        },
-        topic: "kairos.transactions".into(),
-        transactions_topic: None,
-        ..KafkaLogConfig::default()
-    })
-    .unwrap();
-    let mut published = Vec::new();
-    for p in 0..transactions.partition_count() {
-        let _ = transactions.read(p, 0, 1).unwrap();
-    }
-    for p in 0..transactions.partition_count() {
-        published.extend(read_all(&transactions, p, 0));
-    }
+    let Backend::Kafka { broker, .. } = &backend else {
+        unreachable!()
+    };
+    let published = read_topic(&broker.addr, "kairos.transactions");
     assert_eq!(published.len(), 1, "{published:?}");
     let purchase: Value = serde_json::from_slice(&published[0].payload).unwrap();
     assert_eq!(purchase["messageId"], "order-1", "{purchase}");
