@@ -48,7 +48,8 @@
 //! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
 //! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
 //! it, and the consumer drops a record whose id it read recently, so two copies sent at once, or
-//! by two ingest processes, are applied once. Both windows live in memory. After a restart the
+//! by two ingest processes, are applied once. Both windows live in memory (the producer's holds
+//! at most a million ids, the consumer's `dedup_max_entries`). After a restart the
 //! consumer refills its window by reading back (without applying) up to `dedup_restore_records`
 //! records per partition before the state's checkpoint, so a retry of an event from shortly
 //! before a crash is still recognised; a retry of an older one (beyond that many records of its
@@ -95,6 +96,12 @@ const DEDUP_HEADER: &str = "kairos-dedup-id";
 /// Fetched `(offset, seq)` pairs remembered per partition, so a delivery report that arrives
 /// after its record was fetched back still finds its sequence number.
 const RECENT_STAMPS: usize = 8192;
+
+/// Ids the producer side remembers at most. It only lets a retry through this same process be
+/// answered as a duplicate at once; the consumer's window (the full `dedup_max_entries`) is what
+/// keeps duplicates out of the state, so a second window of the full size would only double the
+/// memory.
+const PRODUCED_IDS: usize = 1_000_000;
 
 /// How often the consumer thread looks for appends it has not fetched back within `seq_wait`.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -481,7 +488,7 @@ impl KafkaLog {
             consumed: Condvar::new(),
             produced: Mutex::new(DedupSet::new(
                 config.dedup_window_ms,
-                config.dedup_max_entries,
+                config.dedup_max_entries.min(PRODUCED_IDS),
             )),
             consume: config.consume,
             closed: AtomicBool::new(false),
