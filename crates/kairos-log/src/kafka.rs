@@ -370,40 +370,31 @@ impl ProducerContext for Delivery {
                 }
                 let partition = m.partition() as u32;
                 let offset = m.offset() as u64;
-                if !self.shared.consume {
-                    batch.settle(
-                        index,
-                        Ok(AppendOutcome::Appended {
-                            partition,
-                            offset,
-                            seq: 0,
-                        }),
-                    );
-                    return;
-                }
-                let mut fetch = lock(&self.shared.fetch);
-                match fetch.partitions[partition as usize].seq_of(offset) {
-                    Some(seq) => {
-                        drop(fetch);
-                        batch.settle(
+                // Without a consumer there is no sequence number to wait for; with one, the
+                // record may not be fetched back yet, and the consumer settles it when it is.
+                let seq = if self.shared.consume {
+                    let mut fetch = lock(&self.shared.fetch);
+                    let seq = fetch.partitions[partition as usize].seq_of(offset);
+                    if seq.is_none() {
+                        let since = Instant::now();
+                        let waiter = Waiter {
+                            batch: batch.clone(),
                             index,
-                            Ok(AppendOutcome::Appended {
-                                partition,
-                                offset,
-                                seq,
-                            }),
-                        );
+                            since,
+                        };
+                        fetch.waiting.insert((partition, offset), waiter);
                     }
-                    None => {
-                        fetch.waiting.insert(
-                            (partition, offset),
-                            Waiter {
-                                batch,
-                                index,
-                                since: Instant::now(),
-                            },
-                        );
-                    }
+                    seq
+                } else {
+                    Some(0)
+                };
+                if let Some(seq) = seq {
+                    let appended = AppendOutcome::Appended {
+                        partition,
+                        offset,
+                        seq,
+                    };
+                    batch.settle(index, Ok(appended));
                 }
             }
         }
@@ -471,10 +462,16 @@ impl KafkaLog {
                 "a Kafka topic needs at least one partition".into(),
             ));
         }
-        let partitions = ensure_topic(&config, &config.topic)?;
+        // One short-lived client answers every metadata question of opening.
+        let probe: BaseConsumer = client_config(&config, &[])
+            .create()
+            .map_err(|e| broker_error("creating a Kafka client", e))?;
+        let partitions = ensure_topic(&probe, &config, &config.topic)?;
         if let Some(topic) = &config.transactions_topic {
-            ensure_topic(&config, topic)?;
+            ensure_topic(&probe, &config, topic)?;
         }
+        let start_offsets = low_watermarks(&probe, &config.topic, partitions)?;
+        drop(probe);
         let shared = Arc::new(Shared {
             fetch: Mutex::new(Fetch {
                 partitions: (0..partitions).map(|_| PartitionFetch::default()).collect(),
@@ -529,7 +526,6 @@ impl KafkaLog {
         if idempotent {
             wait_for_producer_id(&shared, PRODUCER_ID_WAIT);
         }
-        let start_offsets = low_watermarks(&config, partitions)?;
         let consumer = if config.consume {
             let consumer: BaseConsumer = client_config(
                 &config,
@@ -573,9 +569,7 @@ impl KafkaLog {
             dedup_restore_records: config.dedup_restore_records,
         })
     }
-}
 
-impl KafkaLog {
     /// Queues `payload` for `topic` with `r`'s key, timestamp and dedup id.
     fn send(
         &self,
@@ -605,10 +599,11 @@ impl KafkaLog {
 }
 
 /// Returns the topic's partition count, creating the topic first if the broker does not have it.
-fn ensure_topic(config: &KafkaLogConfig, topic: &str) -> Result<u32, LogError> {
-    let probe: BaseConsumer = client_config(config, &[])
-        .create()
-        .map_err(|e| broker_error("creating a Kafka client", e))?;
+fn ensure_topic(
+    probe: &BaseConsumer,
+    config: &KafkaLogConfig,
+    topic: &str,
+) -> Result<u32, LogError> {
     let count = |probe: &BaseConsumer| -> Result<u32, LogError> {
         let metadata = probe
             .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -619,7 +614,7 @@ fn ensure_topic(config: &KafkaLogConfig, topic: &str) -> Result<u32, LogError> {
             .find(|t| t.name() == topic && t.error().is_none())
             .map_or(0, |t| t.partitions().len() as u32))
     };
-    let existing = count(&probe)?;
+    let existing = count(probe)?;
     if existing > 0 {
         if existing != config.partitions {
             tracing::info!(
@@ -655,7 +650,7 @@ fn ensure_topic(config: &KafkaLogConfig, topic: &str) -> Result<u32, LogError> {
     // Metadata can lag behind the creation for a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let n = count(&probe)?;
+        let n = count(probe)?;
         if n > 0 {
             return Ok(n);
         }
@@ -669,14 +664,15 @@ fn ensure_topic(config: &KafkaLogConfig, topic: &str) -> Result<u32, LogError> {
     }
 }
 
-fn low_watermarks(config: &KafkaLogConfig, partitions: u32) -> Result<Vec<u64>, LogError> {
-    let probe: BaseConsumer = client_config(config, &[])
-        .create()
-        .map_err(|e| broker_error("creating a Kafka client", e))?;
+fn low_watermarks(
+    probe: &BaseConsumer,
+    topic: &str,
+    partitions: u32,
+) -> Result<Vec<u64>, LogError> {
     (0..partitions)
         .map(|p| {
             probe
-                .fetch_watermarks(&config.topic, p as i32, Duration::from_secs(10))
+                .fetch_watermarks(topic, p as i32, Duration::from_secs(10))
                 .map(|(low, _)| low.max(0) as u64)
                 .map_err(|e| broker_error(&format!("reading the offsets of partition {p}"), e))
         })
@@ -967,8 +963,8 @@ impl EventLog for KafkaLog {
                 pf.read_from
             )));
         }
-        let continues =
-            pf.run_start.is_some() && from_offset >= pf.read_from && from_offset <= pf.fetched_to;
+        // Reads below `read_from` were refused above.
+        let continues = pf.run_start.is_some() && from_offset <= pf.fetched_to;
         if !continues {
             *buffered -= pf.buffer.len();
             pf.buffer.clear();

@@ -89,11 +89,7 @@ impl Node {
             #[cfg(feature = "kafka")]
             LogBackend::Kafka { brokers } => {
                 // Sequence numbers are stamped locally; they continue from the state's.
-                let settings = config.kafka_log_config(&brokers, store.checkpoint().seq, true)?;
-                Arc::new(
-                    kairos_log::KafkaLog::open(settings)
-                        .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?,
-                )
+                open_kafka_log(config, &brokers, store.checkpoint().seq, true)?
             }
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
@@ -190,12 +186,7 @@ impl Node {
         match config.log_backend()? {
             LogBackend::Embedded => Err("the ingest role appends to a log other nodes process: it needs log = \"kafka://HOST:PORT\" (`kairos serve` runs everything on the embedded log)".into()),
             #[cfg(feature = "kafka")]
-            LogBackend::Kafka { brokers } => {
-                let settings = config.kafka_log_config(&brokers, 0, false)?;
-                let log = kairos_log::KafkaLog::open(settings)
-                    .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?;
-                Ok(Arc::new(log))
-            }
+            LogBackend::Kafka { brokers } => open_kafka_log(config, &brokers, 0, false),
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
         }
@@ -236,6 +227,20 @@ impl Node {
         self.log.close().map_err(|e| format!("closing log: {e}"))?;
         result
     }
+}
+
+/// The Kafka log on `brokers`, numbering from `start_seq`, with a consumer if `consume`.
+#[cfg(feature = "kafka")]
+fn open_kafka_log(
+    config: &Config,
+    brokers: &str,
+    start_seq: u64,
+    consume: bool,
+) -> Result<Arc<dyn EventLog>, String> {
+    let settings = config.kafka_log_config(brokers, start_seq, consume)?;
+    let log = kairos_log::KafkaLog::open(settings)
+        .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?;
+    Ok(Arc::new(log))
 }
 
 impl Drop for Node {

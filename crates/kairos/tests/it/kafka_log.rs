@@ -346,37 +346,30 @@ fn an_ingest_node_feeds_a_serving_node_through_the_topic() {
     );
 }
 
-/// A Redis state is recognised but not built: `kairos serve` says so and stops.
-#[test]
-fn serve_refuses_the_redis_state_it_does_not_have_yet() {
-    let dir = TempDir::new("serve-redis");
+/// Runs `kairos <args> --listen 127.0.0.1:0 --data-dir <fresh>`, which must stop with an error;
+/// returns what it printed on stderr.
+fn refused(args: &[&str]) -> String {
+    let dir = TempDir::new("refused");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kairos"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--state",
-            "redis://127.0.0.1:1",
-            "--data-dir",
-        ])
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kairos {args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A Redis state is recognised but not built: `kairos serve` says so and stops.
+#[test]
+fn serve_refuses_the_redis_state_it_does_not_have_yet() {
+    let err = refused(&["serve", "--state", "redis://127.0.0.1:1"]);
     assert!(err.contains("not part of this build yet"), "{err}");
 }
 
 /// `kairos ingest` needs a log other nodes can read.
 #[test]
 fn the_ingest_role_refuses_the_embedded_log() {
-    let dir = TempDir::new("ingest-embedded");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kairos"))
-        .args(["ingest", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["ingest"]);
     assert!(err.contains("kafka://"), "{err}");
 }
