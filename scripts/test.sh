@@ -25,6 +25,17 @@ step "deploy: Kubernetes manifests (strict schemas, references, settings) and Do
 step "the tansu Kafka-protocol broker for the Kafka tests"
 ./scripts/fetch-tansu.sh
 
+# The Redis state's tests start their own redis-server processes (single node and a 3-node
+# cluster) on free loopback ports; Redis 7 comes from Debian's packages.
+step "redis-server and redis-cli for the Redis tests"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+redis-server --version
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

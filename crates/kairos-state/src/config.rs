@@ -98,3 +98,32 @@ impl StateConfig {
         hours_ms(self.relation_half_life_hours)
     }
 }
+
+/// `[redis]` settings: the profiles kept in Redis when `state = "redis://…"`
+/// (see `redis_mirror`, built with the `redis` feature).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Profiles not written for this long expire (0: never).
+    pub profile_ttl_secs: u64,
+    /// How often changed profiles are written.
+    pub flush_interval_ms: u64,
+    /// Profiles per pipelined round trip.
+    pub batch: usize,
+    /// Connect and response timeout.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            prefix: "kairos".into(),
+            profile_ttl_secs: 30 * 86_400,
+            flush_interval_ms: 10,
+            batch: 500,
+            timeout_ms: 2_000,
+        }
+    }
+}

@@ -13,12 +13,15 @@ pub mod config;
 pub mod decay;
 pub mod intern;
 pub mod items;
+pub mod portable;
 pub mod profile;
+#[cfg(feature = "redis")]
+pub mod redis_mirror;
 pub mod session_model;
 pub mod state;
 pub mod store;
 
-pub use config::{EventWeights, StateConfig};
+pub use config::{EventWeights, RedisSettings, StateConfig};
 pub use state::{anonymous_key, user_key, Applied, Checkpoint, LogPosition, State, StateMemory};
 pub use store::{
     ApplyReport, EmbeddedStore, SnapshotInfo, SnapshotJob, StateError, StateStats, StateStore,

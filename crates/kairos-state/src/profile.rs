@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StateConfig;
@@ -232,11 +232,16 @@ impl Profile {
 /// 300 bytes; stored inline in a hash table that doubles as it grows (and runs at a load factor
 /// between 44% and 87%) it cost up to twice that per user, which is most of the per-user budget.
 /// Removed profiles (merged into a known user) leave a free slot for the next new profile.
+///
+/// With [`Profiles::track_changes`] on, every key written since the last
+/// [`Profiles::take_changes`] is remembered, so that a store mirroring the profiles elsewhere
+/// (Redis) writes only what changed. Off by default: the embedded store has nowhere to send them.
 #[derive(Clone, Debug, Default)]
 pub struct Profiles {
     index: FxHashMap<Box<str>, u32>,
     slots: Vec<Profile>,
     free: Vec<u32>,
+    changed: Option<FxHashSet<Box<str>>>,
 }
 
 impl Profiles {
@@ -253,7 +258,9 @@ impl Profiles {
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut Profile> {
-        self.index.get(key).map(|&i| &mut self.slots[i as usize])
+        let &i = self.index.get(key)?;
+        self.mark_changed(key);
+        Some(&mut self.slots[i as usize])
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -276,6 +283,7 @@ impl Profiles {
                 i
             }
         };
+        self.mark_changed(key);
         &mut self.slots[slot as usize]
     }
 
@@ -283,7 +291,46 @@ impl Profiles {
     pub fn remove(&mut self, key: &str) -> Option<Profile> {
         let i = self.index.remove(key)?;
         self.free.push(i);
+        self.mark_changed(key);
         Some(std::mem::take(&mut self.slots[i as usize]))
+    }
+
+    /// Starts (or stops) remembering which keys are written or removed.
+    pub fn track_changes(&mut self, on: bool) {
+        self.changed = on.then(|| self.changed.take().unwrap_or_default());
+    }
+
+    /// The keys written or removed since the last call (empty when tracking is off). A removed
+    /// key is among them, and no longer has a profile.
+    pub fn take_changes(&mut self) -> FxHashSet<Box<str>> {
+        match &mut self.changed {
+            Some(changed) => std::mem::take(changed),
+            None => FxHashSet::default(),
+        }
+    }
+
+    /// Marks `keys` as changed again (a write that failed is retried with what the profiles
+    /// hold by then).
+    pub fn mark_changed_again(&mut self, keys: impl IntoIterator<Item = Box<str>>) {
+        if let Some(changed) = &mut self.changed {
+            changed.extend(keys);
+        }
+    }
+
+    /// Marks every key as changed (the mirror lost its copy).
+    pub fn mark_all_changed(&mut self) {
+        if let Some(changed) = &mut self.changed {
+            changed.extend(self.index.keys().cloned());
+        }
+    }
+
+    /// Marks `key` as changed (when tracking): its profile, or what it links to, changed.
+    pub fn mark_changed(&mut self, key: &str) {
+        if let Some(changed) = &mut self.changed {
+            if !changed.contains(key) {
+                changed.insert(key.into());
+            }
+        }
     }
 
     /// Profiles with their keys (in no particular order).

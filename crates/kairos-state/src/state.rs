@@ -244,7 +244,7 @@ impl State {
         self.facets[idx as usize]
     }
 
-    fn intern_item(&mut self, id: &str) -> u32 {
+    pub(crate) fn intern_item(&mut self, id: &str) -> u32 {
         let idx = self.items.intern(id);
         if idx as usize >= self.item_data.len() {
             self.item_data
@@ -284,6 +284,8 @@ impl State {
             return;
         }
         self.links.insert(anon.clone().into(), user.into());
+        // The key now resolves elsewhere, whether or not it had a profile.
+        self.users.mark_changed(&anon);
         if let Some(other) = self.users.remove(anon.as_str()) {
             let cfg = &self.config;
             let target = self.users.get_or_insert(user);

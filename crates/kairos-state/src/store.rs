@@ -141,6 +141,27 @@ impl EmbeddedStore {
     pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Starts remembering which profiles change, for a mirror that copies them elsewhere
+    /// (see [`crate::profile::Profiles::track_changes`]).
+    pub fn track_profile_changes(&self) {
+        self.write().users.track_changes(true);
+    }
+
+    /// The profile keys changed since the last call (a brief write lock to swap the set out).
+    pub fn take_profile_changes(&self) -> rustc_hash::FxHashSet<Box<str>> {
+        self.write().users.take_changes()
+    }
+
+    /// Marks `keys` changed again, after a failed copy.
+    pub fn mark_profiles_changed_again(&self, keys: impl IntoIterator<Item = Box<str>>) {
+        self.write().users.mark_changed_again(keys);
+    }
+
+    /// Marks every profile changed (the copy was lost).
+    pub fn mark_all_profiles_changed(&self) {
+        self.write().users.mark_all_changed();
+    }
 }
 
 impl StateStore for EmbeddedStore {

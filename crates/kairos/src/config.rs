@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use kairos_api::{ApiConfig, IngestConfig};
 use kairos_processor::ProcessorConfig;
 use kairos_recommend::RecommendConfig;
-use kairos_state::StateConfig;
+use kairos_state::{RedisSettings, StateConfig};
 
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
@@ -27,6 +27,7 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     pub event_log: EventLogConfig,
     pub kafka: KafkaConfig,
+    pub redis: RedisSettings,
     pub ingest: IngestConfig,
     pub api: ApiConfig,
     pub processor: ProcessorConfig,
@@ -75,8 +76,8 @@ pub enum LogBackend {
 pub enum StateBackend {
     /// In memory with snapshots under `<data_dir>/state`.
     Embedded,
-    /// Redis or Redis Cluster: recognised, so that a configuration shared by every role (the
-    /// ingest role has no state) loads, but not built yet; a role that needs state refuses it.
+    /// In memory as with `Embedded`, the profiles also kept in Redis or Redis Cluster
+    /// (`redis://HOST:PORT`, `redis-cluster://HOST:PORT,HOST:PORT,...`).
     Redis { url: String },
 }
 
@@ -110,12 +111,19 @@ impl Config {
         match self.state.as_str() {
             "embedded" => Ok(StateBackend::Embedded),
             other if other.starts_with("redis://") || other.starts_with("redis-cluster://") => {
+                if !cfg!(feature = "redis") {
+                    return Err(format!(
+                        "state backend {other:?}: this binary was built without the \"redis\" feature"
+                    ));
+                }
+                #[cfg(feature = "redis")]
+                kairos_state::redis_mirror::RedisTarget::parse(other)?;
                 Ok(StateBackend::Redis {
                     url: other.to_owned(),
                 })
             }
             other => Err(format!(
-                "unknown state backend {other:?}; expected \"embedded\" (or, later, \"redis://HOST:PORT\")"
+                "unknown state backend {other:?}; expected \"embedded\", \"redis://HOST:PORT\" or \"redis-cluster://HOST:PORT[,HOST:PORT...]\""
             )),
         }
     }

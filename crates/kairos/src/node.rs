@@ -36,6 +36,8 @@ pub struct Node {
     pub role: Role,
     stop: Arc<AtomicBool>,
     processor: Option<JoinHandle<Result<(), String>>>,
+    /// The thread writing profiles to Redis, and its stop flag.
+    mirror: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Node {
@@ -52,20 +54,22 @@ impl Node {
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("creating data dir {}: {e}", config.data_dir.display()))?;
-        let store: Arc<dyn StateStore> = match config.state_backend()? {
-            StateBackend::Embedded => {
-                let dir = config.data_dir.join("state");
-                Arc::new(
-                    EmbeddedStore::open(&dir, config.model.clone())
-                        .map_err(|e| format!("opening state {}: {e}", dir.display()))?,
-                )
-            }
-            StateBackend::Redis { url } => {
-                return Err(format!(
-                    "state backend {url:?}: the Redis state is not part of this build yet; use \"embedded\" (`kairos ingest` needs no state)"
-                ))
-            }
+        let registry = Arc::new(Registry::default());
+        let dir = config.data_dir.join("state");
+        let embedded = Arc::new(
+            EmbeddedStore::open(&dir, config.model.clone())
+                .map_err(|e| format!("opening state {}: {e}", dir.display()))?,
+        );
+        // With Redis, the state stays in memory (rebuilt from the log and its snapshots) and the
+        // profiles are written to Redis as well (kairos-state/src/redis_mirror.rs).
+        let mirror = match config.state_backend()? {
+            StateBackend::Embedded => None,
+            #[cfg(feature = "redis")]
+            StateBackend::Redis { url } => Some(start_mirror(config, &url, &embedded, &registry)?),
+            #[cfg(not(feature = "redis"))]
+            StateBackend::Redis { .. } => unreachable!("rejected by Config::state_backend"),
         };
+        let store: Arc<dyn StateStore> = embedded;
         let log: Arc<dyn EventLog> = match config.log_backend()? {
             LogBackend::Embedded => {
                 let dir = config.data_dir.join("log");
@@ -94,7 +98,6 @@ impl Node {
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
         };
-        let registry = Arc::new(Registry::default());
         let watermark = Watermark::new(store.checkpoint().seq);
         let metrics = Arc::new(ProcessorMetrics::new(&registry));
         register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
@@ -152,6 +155,7 @@ impl Node {
             role,
             stop,
             processor: Some(handle),
+            mirror,
         })
     }
 
@@ -178,6 +182,7 @@ impl Node {
             role: Role::Ingest,
             stop: Arc::new(AtomicBool::new(false)),
             processor: None,
+            mirror: None,
         })
     }
 
@@ -223,10 +228,45 @@ impl Node {
                 .map_err(|_| "processor thread panicked".to_string())?,
             None => Ok(()),
         };
+        // After the processor's last apply, so that Redis ends with what the state holds.
+        self.stop_mirror();
         // An ingest node's appends are flushed to the broker here.
         self.log.close().map_err(|e| format!("closing log: {e}"))?;
         result
     }
+
+    fn stop_mirror(&mut self) {
+        if let Some((stop, handle)) = self.mirror.take() {
+            stop.store(true, Ordering::Release);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Starts the thread that writes the profiles `store` changes to Redis.
+#[cfg(feature = "redis")]
+fn start_mirror(
+    config: &Config,
+    url: &str,
+    store: &Arc<EmbeddedStore>,
+    registry: &Registry,
+) -> Result<(Arc<AtomicBool>, JoinHandle<()>), String> {
+    use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, RedisProfiles};
+    let mut redis = RedisProfiles::new(url, config.redis.clone())?;
+    // A wrong address is a configuration error to report now; later outages are retried.
+    redis
+        .has_marker()
+        .map_err(|e| format!("state backend: cannot reach Redis at {url:?}: {e}"))?;
+    store.track_profile_changes();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (thread_stop, thread_store) = (stop.clone(), store.clone());
+    let metrics = MirrorMetrics::new(registry);
+    let handle = std::thread::Builder::new()
+        .name("kairos-redis".into())
+        .spawn(move || run_mirror(redis, thread_store, metrics, thread_stop))
+        .map_err(|e| format!("starting the Redis thread: {e}"))?;
+    tracing::info!(url, "profiles are written to Redis");
+    Ok((stop, handle))
 }
 
 /// The Kafka log on `brokers`, numbering from `start_seq`, with a consumer if `consume`.
@@ -250,5 +290,6 @@ impl Drop for Node {
             let _ = h.join();
             let _ = self.log.close();
         }
+        self.stop_mirror();
     }
 }

@@ -51,8 +51,8 @@ async fn every_endpoint_and_error_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_endpoint_and_error_code_on_kafka() {
-    every_endpoint_and_error_code_on(Backend::kafka(4)).await;
+async fn every_endpoint_and_error_code_on_kafka_redis() {
+    every_endpoint_and_error_code_on(Backend::kafka_redis(4)).await;
 }
 
 async fn every_endpoint_and_error_code_on(backend: Backend) {
@@ -507,6 +507,9 @@ async fn every_endpoint_and_error_code_on(backend: Backend) {
         missing.is_empty(),
         "error codes never exercised: {missing:?}"
     );
+    if let Some(redis) = backend.redis() {
+        redis.assert_holds_the_profiles_of(node.node());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,8 +518,8 @@ async fn events_change_recommendations_immediately() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_change_recommendations_immediately_on_kafka() {
-    events_change_recommendations_immediately_on(Backend::kafka(4)).await;
+async fn events_change_recommendations_immediately_on_kafka_redis() {
+    events_change_recommendations_immediately_on(Backend::kafka_redis(4)).await;
 }
 
 async fn events_change_recommendations_immediately_on(backend: Backend) {
@@ -638,6 +641,9 @@ async fn events_change_recommendations_immediately_on(backend: Backend) {
         ids(&rec).contains(&"i5".to_string()),
         "unless switched off: {rec}"
     );
+    if let Some(redis) = backend.redis() {
+        redis.assert_holds_the_profiles_of(node.node());
+    }
     node.shutdown();
 }
 
@@ -679,8 +685,8 @@ async fn validate_checks_a_batch_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn validate_checks_a_batch_and_stores_nothing_on_kafka() {
-    validate_checks_a_batch_and_stores_nothing_on(Backend::kafka(4)).await;
+async fn validate_checks_a_batch_and_stores_nothing_on_kafka_redis() {
+    validate_checks_a_batch_and_stores_nothing_on(Backend::kafka_redis(4)).await;
 }
 
 async fn validate_checks_a_batch_and_stores_nothing_on(backend: Backend) {
@@ -750,8 +756,8 @@ async fn catalogue_changes_refresh_cached_lists() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catalogue_changes_refresh_cached_lists_on_kafka() {
-    catalogue_changes_refresh_cached_lists_on(Backend::kafka(4)).await;
+async fn catalogue_changes_refresh_cached_lists_on_kafka_redis() {
+    catalogue_changes_refresh_cached_lists_on(Backend::kafka_redis(4)).await;
 }
 
 async fn catalogue_changes_refresh_cached_lists_on(backend: Backend) {

@@ -9,13 +9,16 @@
 //!   tracker bundles and demo shop served by the binary, the catalogue listing.
 //! - `eval`: `kairos eval` on hand-checked fixtures, its CLI output and determinism.
 //! - `kafka_log`: the Kafka-protocol event log's contract against a real broker (tansu).
+//! - `redis_state`: the profiles in Redis and Redis Cluster, against real `redis-server`s.
 //!
-//! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic.
+//! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic; `api`
+//! and `crash` on Kafka with the profiles in Redis too (the scale-out mode).
 
 mod api;
 mod crash;
 mod eval;
 mod golden;
 mod kafka_log;
+mod redis_state;
 mod support;
 mod web;

@@ -202,13 +202,249 @@ fn tansu_binary() -> PathBuf {
     p
 }
 
-/// Where a test node keeps its event log. The black-box tests run on each.
+/// A `redis-server` of the test's own on a free loopback port, keeping nothing on disk.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: TempDir,
+    cluster: bool,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_in(false)
+    }
+
+    fn start_in(cluster: bool) -> RedisServer {
+        for _ in 0..5 {
+            // A cluster node also listens on port + 10000 (the cluster bus).
+            let port = free_port();
+            if cluster
+                && (port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err())
+            {
+                continue;
+            }
+            let dir = TempDir::new("redis");
+            if let Some(child) = Self::spawn(port, dir.path(), cluster) {
+                return RedisServer {
+                    child,
+                    port,
+                    dir,
+                    cluster,
+                };
+            }
+        }
+        panic!("redis-server did not start on a free port in five tries");
+    }
+
+    fn spawn(port: u16, dir: &Path, cluster: bool) -> Option<Child> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if cluster {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "starting redis-server: {e} (scripts/test.sh installs it from Debian's packages)"
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            if redis_cli(port, &["PING"]).is_some_and(|r| r.trim() == "PONG") {
+                return Some(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and starts an empty one on the same port (Redis restarted without
+    /// persistence).
+    pub fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(self.dir.path());
+        std::fs::create_dir_all(self.dir.path()).unwrap();
+        self.child = Self::spawn(self.port, self.dir.path(), self.cluster)
+            .expect("redis-server restarts on its port");
+    }
+
+    /// Runs a command with redis-cli; its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A Redis Cluster of three masters of the test's own, every slot assigned.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_in(true)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        nodes[0].cli(&args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis-cluster://{}", addrs.join(","))
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Redis of the test's own for the state: one server or a cluster.
+pub enum Redis {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    pub fn url(&self) -> String {
+        match self {
+            Redis::Single(r) => r.url(),
+            Redis::Cluster(c) => c.url(),
+        }
+    }
+
+    /// A client reading the profiles a node writes.
+    pub fn profiles(&self) -> kairos_state::redis_mirror::RedisProfiles {
+        kairos_state::redis_mirror::RedisProfiles::new(&self.url(), Default::default()).unwrap()
+    }
+
+    /// Waits until Redis holds exactly what `node`'s state says every profile key holds.
+    pub fn assert_holds_the_profiles_of(&self, node: &Node) {
+        let mut redis = self.profiles();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mismatch = first_mismatch(&mut redis, &node.store.read());
+            match mismatch {
+                None => return,
+                Some(key) if Instant::now() > deadline => {
+                    panic!("Redis does not hold what the state has for {key:?}")
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Redis holds exactly what `state` says every profile key holds (no waiting).
+    pub fn assert_holds(&self, state: &kairos_state::State) {
+        if let Some(key) = first_mismatch(&mut self.profiles(), state) {
+            panic!("Redis does not hold what the state has for {key:?}");
+        }
+    }
+}
+
+/// The first profile key (profiles and merged-away anonymous keys) for which Redis does not hold
+/// what `state` has; panics if Redis claims a checkpoint the state has not reached.
+fn first_mismatch(
+    redis: &mut kairos_state::redis_mirror::RedisProfiles,
+    state: &kairos_state::State,
+) -> Option<String> {
+    let keys: Vec<String> = state
+        .users
+        .keys()
+        .chain(state.links.keys().map(AsRef::as_ref))
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Some("(the state has no profiles yet)".into());
+    }
+    keys.into_iter().find_map(|key| {
+        let expected = state.stored_profile(&key);
+        let stored = redis.read(&key).unwrap();
+        if let Some((_, fence)) = &stored {
+            let ahead = fence
+                .iter()
+                .zip(state.checkpoint.offsets.iter().chain(std::iter::repeat(&0)))
+                .any(|(a, b)| a > b);
+            assert!(
+                !ahead,
+                "{key}: Redis claims a checkpoint the state has not reached"
+            );
+        }
+        (stored.map(|(p, _)| p) != expected).then_some(key)
+    })
+}
+
+/// Where a test node keeps its event log (and its profiles). The black-box tests run on each.
 pub enum Backend {
     Embedded,
-    /// A topic with `partitions` partitions on a broker of the test's own.
+    /// A topic with `partitions` partitions on a broker of the test's own, and with `redis`, the
+    /// profiles in a Redis of the test's own as well.
     Kafka {
         broker: KafkaBroker,
         partitions: u32,
+        redis: Option<Redis>,
     },
 }
 
@@ -217,6 +453,23 @@ impl Backend {
         Backend::Kafka {
             broker: KafkaBroker::start(),
             partitions,
+            redis: None,
+        }
+    }
+
+    /// The scale-out mode: the log on Kafka, the profiles in Redis.
+    pub fn kafka_redis(partitions: u32) -> Backend {
+        Backend::Kafka {
+            broker: KafkaBroker::start(),
+            partitions,
+            redis: Some(Redis::Single(RedisServer::start())),
+        }
+    }
+
+    pub fn redis(&self) -> Option<&Redis> {
+        match self {
+            Backend::Kafka { redis, .. } => redis.as_ref(),
+            Backend::Embedded => None,
         }
     }
 
@@ -224,11 +477,21 @@ impl Backend {
     pub fn env(&self, data_dir: &Path) -> Vec<(String, String)> {
         match self {
             Backend::Embedded => Vec::new(),
-            Backend::Kafka { broker, partitions } => vec![
-                ("KAIROS_LOG".into(), format!("kafka://{}", broker.addr)),
-                ("KAIROS_KAFKA__TOPIC".into(), Self::topic(data_dir)),
-                ("KAIROS_KAFKA__PARTITIONS".into(), partitions.to_string()),
-            ],
+            Backend::Kafka {
+                broker,
+                partitions,
+                redis,
+            } => {
+                let mut env = vec![
+                    ("KAIROS_LOG".into(), format!("kafka://{}", broker.addr)),
+                    ("KAIROS_KAFKA__TOPIC".into(), Self::topic(data_dir)),
+                    ("KAIROS_KAFKA__PARTITIONS".into(), partitions.to_string()),
+                ];
+                if let Some(redis) = redis {
+                    env.push(("KAIROS_STATE".into(), redis.url()));
+                }
+                env
+            }
         }
     }
 
@@ -242,10 +505,18 @@ impl Backend {
     pub fn config(&self, data_dir: &Path, overrides: &str) -> String {
         match self {
             Backend::Embedded => overrides.to_owned(),
-            Backend::Kafka { broker, partitions } => {
+            Backend::Kafka {
+                broker,
+                partitions,
+                redis,
+            } => {
                 let topic = Self::topic(data_dir);
+                let state = redis
+                    .as_ref()
+                    .map(|r| format!("state = \"{}\"\n", r.url()))
+                    .unwrap_or_default();
                 format!(
-                    "log = \"kafka://{}\"\n{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n",
+                    "log = \"kafka://{}\"\n{state}{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n",
                     broker.addr
                 )
             }

@@ -1,0 +1,488 @@
+//! Profiles in Redis or Redis Cluster (`state = "redis://HOST:PORT"` or
+//! `"redis-cluster://HOST:PORT,HOST:PORT,…"`).
+//!
+//! ## What is where, and why
+//! The node keeps its whole state in memory, rebuilt from the event log and its snapshots exactly
+//! as in the embedded mode: the session model and the item relations are read at random, hundreds
+//! of records per recommendation, which only memory serves in a millisecond. The profiles (the
+//! part of the state that grows with the audience) are *also* written to Redis, where they
+//! outlive the node, carry a TTL, and can be read by every other service and replica without
+//! asking this node. The mirror runs on its own thread: the processor only marks which profiles
+//! changed ([`crate::profile::Profiles::track_changes`]), so applying never waits for Redis.
+//!
+//! ## Layout
+//! - `{prefix}:{<profile key>}`, a hash: `d` holds the [`StoredProfile`] (see
+//!   [`crate::portable`]: item names, not this node's numbering), `f` the state's checkpoint the
+//!   profile reflects (the next log offset per partition, comma-separated). The profile key is the
+//!   hash tag, so the keys a profile may gain later land in its slot (Redis Cluster).
+//! - `{prefix}:meta`: written after every profile has been written once; its absence means Redis
+//!   lost the mirror (restarted without persistence, flushed) or never had it.
+//! - Channel `{prefix}:changed`: the Redis key of every profile written, for caches.
+//!
+//! ## Invariants
+//! - A profile is replaced only by one whose checkpoint dominates the stored one (behind on no
+//!   partition, ahead on one), checked by the write script atomically with the write. A node
+//!   replaying its log after a restart, or a stale node, never puts an older profile over a newer
+//!   one. The content written for a checkpoint is deterministic (golden replay tests), so a write
+//!   refused during a replay held what the replay would have written.
+//! - Every profile changed in memory is written eventually: changes taken from the state and not
+//!   written (Redis down, a timeout) are marked changed again and retried.
+//! - When the marker is missing, every profile is marked changed and written, then the marker is
+//!   set (checked every second). So Redis restarted empty holds every profile again after one
+//!   pass, without replaying anything: the state in memory already has them.
+//!
+//! ## Durability
+//! Whatever Redis itself persists (RDB/AOF). The event log remains the source of truth: the state
+//! is rebuilt from it and the mirror from the state, so nothing Redis loses is lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{Cmd, RedisResult, Value};
+
+use kairos_types::metrics::{Counter, Gauge, Registry};
+
+use crate::config::RedisSettings;
+use crate::portable::StoredProfile;
+use crate::store::{EmbeddedStore, StateStore};
+
+/// Where Redis is: one server, or the seed nodes of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Parses `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT,HOST:PORT,…`.
+    pub fn parse(url: &str) -> Result<RedisTarget, String> {
+        if let Some(nodes) = url.strip_prefix("redis-cluster://") {
+            let nodes: Vec<String> = nodes
+                .trim_end_matches('/')
+                .split(',')
+                .map(|n| format!("redis://{}", n.trim()))
+                .collect();
+            if nodes
+                .iter()
+                .any(|n| n.len() <= "redis://".len() || !n.contains(':'))
+            {
+                return Err(format!(
+                    "state backend {url:?}: expected redis-cluster://HOST:PORT[,HOST:PORT...]"
+                ));
+            }
+            return Ok(RedisTarget::Cluster(nodes));
+        }
+        if url.starts_with("redis://") && url.len() > "redis://".len() {
+            return Ok(RedisTarget::Single(url.to_owned()));
+        }
+        Err(format!(
+            "state backend {url:?}: expected redis://HOST:PORT or redis-cluster://HOST:PORT[,HOST:PORT...]"
+        ))
+    }
+}
+
+enum Connection {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+/// A connection to Redis or Redis Cluster that runs pipelines of single-slot commands.
+pub struct RedisProfiles {
+    target: RedisTarget,
+    settings: RedisSettings,
+    conn: Option<Connection>,
+}
+
+/// Writes a profile unless Redis holds one at a checkpoint this one does not dominate; publishes
+/// the key. Returns 1 when written, 0 when refused as not newer.
+const WRITE_SCRIPT: &str = r"
+local old = redis.call('HGET', KEYS[1], 'f')
+if old then
+  local stored = {}
+  for o in string.gmatch(old, '[^,]+') do stored[#stored + 1] = tonumber(o) end
+  local ahead = false
+  local i = 0
+  for o in string.gmatch(ARGV[2], '[^,]+') do
+    i = i + 1
+    local n, s = tonumber(o), stored[i] or 0
+    if n < s then return 0 end
+    if n > s then ahead = true end
+  end
+  for j = i + 1, #stored do
+    if stored[j] > 0 then return 0 end
+  end
+  if not ahead then return 0 end
+end
+redis.call('HSET', KEYS[1], 'd', ARGV[1], 'f', ARGV[2])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+";
+
+/// The outcome of writing a batch of profiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    pub written: u64,
+    /// Refused because Redis holds the profile at a newer checkpoint.
+    pub stale: u64,
+}
+
+impl RedisProfiles {
+    /// A client for `url`; connects on first use.
+    pub fn new(url: &str, settings: RedisSettings) -> Result<RedisProfiles, String> {
+        Ok(RedisProfiles {
+            target: RedisTarget::parse(url)?,
+            settings,
+            conn: None,
+        })
+    }
+
+    pub fn settings(&self) -> &RedisSettings {
+        &self.settings
+    }
+
+    /// The Redis key of profile `key`.
+    pub fn key(&self, profile_key: &str) -> String {
+        format!("{}:{{{profile_key}}}", self.settings.prefix)
+    }
+
+    /// The channel on which written profile keys are published.
+    pub fn channel(&self) -> String {
+        format!("{}:changed", self.settings.prefix)
+    }
+
+    fn meta_key(&self) -> String {
+        format!("{}:meta", self.settings.prefix)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.timeout_ms.max(1))
+    }
+
+    fn connection(&mut self) -> RedisResult<&mut Connection> {
+        if self.conn.is_none() {
+            let timeout = self.timeout();
+            let conn = match &self.target {
+                RedisTarget::Single(url) => {
+                    let c =
+                        redis::Client::open(url.as_str())?.get_connection_with_timeout(timeout)?;
+                    c.set_read_timeout(Some(timeout))?;
+                    c.set_write_timeout(Some(timeout))?;
+                    Connection::Single(c)
+                }
+                RedisTarget::Cluster(nodes) => Connection::Cluster(Box::new(
+                    redis::cluster::ClusterClient::builder(nodes.clone())
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .build()?
+                        .get_connection()?,
+                )),
+            };
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Runs `cmds` in one pipeline (every command names keys of one slot); drops the connection
+    /// on error so that the next call reconnects.
+    fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        let result = match self.connection()? {
+            Connection::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+            Connection::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.query(c)
+            }
+        };
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    /// Writes `profiles` (profile key, what it holds) as of the state checkpoint `offsets`.
+    pub fn write(
+        &mut self,
+        profiles: &[(Box<str>, StoredProfile)],
+        offsets: &[u64],
+    ) -> RedisResult<WriteReport> {
+        if profiles.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        let fence = fence(offsets);
+        let channel = self.channel();
+        let cmds = profiles
+            .iter()
+            .map(|(key, stored)| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(WRITE_SCRIPT)
+                    .arg(1)
+                    .arg(self.key(key))
+                    .arg(stored.encode())
+                    .arg(&fence)
+                    .arg(self.settings.profile_ttl_secs)
+                    .arg(&channel);
+                cmd
+            })
+            .collect();
+        let mut report = WriteReport::default();
+        for v in self.run(cmds)? {
+            match v {
+                Value::Int(1) => report.written += 1,
+                _ => report.stale += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// What Redis holds for profile `key`: the profile (`None` when absent or in an unknown
+    /// format) and the checkpoint offsets it reflects.
+    pub fn read(&mut self, profile_key: &str) -> RedisResult<Option<(StoredProfile, Vec<u64>)>> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.key(profile_key)).arg("d").arg("f");
+        let mut values = self.run(vec![cmd])?;
+        let Some(Value::Array(fields)) = values.pop() else {
+            return Ok(None);
+        };
+        let (Some(Value::BulkString(doc)), Some(Value::BulkString(f))) =
+            (fields.first(), fields.get(1))
+        else {
+            return Ok(None);
+        };
+        let offsets = String::from_utf8_lossy(f)
+            .split(',')
+            .filter_map(|o| o.parse().ok())
+            .collect();
+        Ok(StoredProfile::decode(doc).map(|p| (p, offsets)))
+    }
+
+    /// Whether Redis holds the mirror's marker (see the module docs).
+    pub fn has_marker(&mut self) -> RedisResult<bool> {
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.meta_key());
+        Ok(matches!(self.run(vec![cmd])?.first(), Some(Value::Int(1))))
+    }
+
+    fn set_marker(&mut self) -> RedisResult<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.meta_key()).arg("profiles written");
+        self.run(vec![cmd]).map(drop)
+    }
+
+    /// Bytes Redis uses for the stored profile `key` (`MEMORY USAGE`), if it exists.
+    pub fn memory_usage(&mut self, profile_key: &str) -> RedisResult<Option<u64>> {
+        let mut cmd = redis::cmd("MEMORY");
+        cmd.arg("USAGE")
+            .arg(self.key(profile_key))
+            .arg("SAMPLES")
+            .arg(0);
+        Ok(match self.run(vec![cmd])?.first() {
+            Some(Value::Int(n)) => u64::try_from(*n).ok(),
+            _ => None,
+        })
+    }
+}
+
+fn fence(offsets: &[u64]) -> String {
+    let parts: Vec<String> = offsets.iter().map(u64::to_string).collect();
+    if parts.is_empty() {
+        "0".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// The mirror's metrics.
+#[derive(Clone)]
+pub struct MirrorMetrics {
+    pub written: Arc<Counter>,
+    pub stale: Arc<Counter>,
+    pub errors: Arc<Counter>,
+    pub resyncs: Arc<Counter>,
+    pub up: Arc<Gauge>,
+    pub pending: Arc<Gauge>,
+    pub profile_bytes: Arc<Gauge>,
+}
+
+impl MirrorMetrics {
+    pub fn new(registry: &Registry) -> MirrorMetrics {
+        MirrorMetrics {
+            written: registry.counter("kairos_redis_profiles_written_total", "Profiles written to Redis.", &[]),
+            stale: registry.counter("kairos_redis_profiles_stale_total", "Profile writes Redis refused because it held a newer one (a replay after a restart).", &[]),
+            errors: registry.counter("kairos_redis_errors_total", "Failed round trips to Redis (the profiles are written again).", &[]),
+            resyncs: registry.counter("kairos_redis_resyncs_total", "Times Redis was found without the mirror and every profile was written again.", &[]),
+            up: registry.gauge("kairos_redis_up", "1 while the last round trip to Redis succeeded.", &[]),
+            pending: registry.gauge("kairos_redis_profiles_pending", "Changed profiles not yet written to Redis.", &[]),
+            profile_bytes: registry.gauge("kairos_redis_profile_bytes", "Redis memory per profile (MEMORY USAGE, averaged over recently written profiles).", &[]),
+        }
+    }
+}
+
+/// Writes the profiles `store` changes to Redis until `stop` is set (then once more, so that a
+/// clean shutdown leaves Redis current).
+pub fn run_mirror(
+    mut redis: RedisProfiles,
+    store: Arc<EmbeddedStore>,
+    metrics: MirrorMetrics,
+    stop: Arc<AtomicBool>,
+) {
+    let interval = Duration::from_millis(redis.settings.flush_interval_ms.max(1));
+    let mut last_check: Option<Instant> = None;
+    let mut last_sample: Option<Instant> = None;
+    let mut resync_pending = false;
+    let mut backoff = Duration::ZERO;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if !stopping {
+            std::thread::sleep(interval + backoff);
+        }
+        if last_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            match redis.has_marker() {
+                Ok(true) => last_check = Some(Instant::now()),
+                Ok(false) => {
+                    last_check = Some(Instant::now());
+                    if !resync_pending {
+                        tracing::info!("Redis holds no copy of the profiles: writing them all");
+                        metrics.resyncs.inc();
+                        store.mark_all_profiles_changed();
+                        resync_pending = true;
+                    }
+                }
+                Err(e) => {
+                    fail(&metrics, &mut backoff, &e);
+                    if stopping {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        match flush(&mut redis, &store, &metrics) {
+            Ok(sampled) => {
+                backoff = Duration::ZERO;
+                metrics.up.set(1);
+                if resync_pending {
+                    match redis.set_marker() {
+                        Ok(()) => {
+                            resync_pending = false;
+                            tracing::info!("every profile written to Redis");
+                        }
+                        Err(e) => fail(&metrics, &mut backoff, &e),
+                    }
+                }
+                if let Some(key) = sampled
+                    .filter(|_| last_sample.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)))
+                {
+                    last_sample = Some(Instant::now());
+                    if let Ok(Some(bytes)) = redis.memory_usage(&key) {
+                        let previous = metrics.profile_bytes.get();
+                        let bytes = bytes as i64;
+                        metrics.profile_bytes.set(if previous == 0 {
+                            bytes
+                        } else {
+                            (previous * 7 + bytes) / 8
+                        });
+                    }
+                }
+            }
+            Err(e) => fail(&metrics, &mut backoff, &e),
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn fail(metrics: &MirrorMetrics, backoff: &mut Duration, e: &redis::RedisError) {
+    if *backoff == Duration::ZERO || metrics.up.get() == 1 {
+        tracing::warn!(error = %e, "writing profiles to Redis failed; retrying");
+    }
+    metrics.errors.inc();
+    metrics.up.set(0);
+    *backoff = (*backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+}
+
+/// Writes every profile changed since the last flush; returns a key written, for sampling.
+fn flush(
+    redis: &mut RedisProfiles,
+    store: &EmbeddedStore,
+    metrics: &MirrorMetrics,
+) -> RedisResult<Option<String>> {
+    let keys: Vec<Box<str>> = store.take_profile_changes().into_iter().collect();
+    metrics.pending.set(keys.len() as i64);
+    let batch = redis.settings.batch.max(1);
+    let mut sampled = None;
+    for (n, chunk) in keys.chunks(batch).enumerate() {
+        // Profiles and the checkpoint they reflect, read together under one short read lock.
+        let (profiles, offsets) = {
+            let state = store.read();
+            let profiles: Vec<(Box<str>, StoredProfile)> = chunk
+                .iter()
+                .filter_map(|k| state.stored_profile(k).map(|p| (k.clone(), p)))
+                .collect();
+            (profiles, state.checkpoint.offsets.clone())
+        };
+        match redis.write(&profiles, &offsets) {
+            Ok(report) => {
+                metrics.written.add(report.written);
+                metrics.stale.add(report.stale);
+                metrics
+                    .pending
+                    .set(keys.len().saturating_sub((n + 1) * batch) as i64);
+                sampled = profiles.last().map(|(k, _)| k.to_string());
+            }
+            Err(e) => {
+                store.mark_profiles_changed_again(keys[n * batch..].iter().cloned());
+                return Err(e);
+            }
+        }
+    }
+    Ok(sampled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(
+            RedisTarget::parse("redis://127.0.0.1:6379"),
+            Ok(RedisTarget::Single("redis://127.0.0.1:6379".into()))
+        );
+        assert_eq!(
+            RedisTarget::parse("redis-cluster://a:1, b:2/"),
+            Ok(RedisTarget::Cluster(vec![
+                "redis://a:1".into(),
+                "redis://b:2".into()
+            ]))
+        );
+        for bad in [
+            "redis://",
+            "redis-cluster://",
+            "redis-cluster://a:1,",
+            "http://x:1",
+        ] {
+            assert!(RedisTarget::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn keys_are_tagged_by_profile() {
+        let r = RedisProfiles::new("redis://h:1", RedisSettings::default()).expect("valid");
+        assert_eq!(r.key("u:alice"), "kairos:{u:alice}");
+        assert_eq!(r.channel(), "kairos:changed");
+        assert_eq!(fence(&[]), "0");
+        assert_eq!(fence(&[3, 0, 12]), "3,0,12");
+    }
+}

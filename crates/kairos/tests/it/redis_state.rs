@@ -1,0 +1,289 @@
+//! The profiles in Redis (`state = "redis://…"`, `"redis-cluster://…"`), against real
+//! `redis-server` processes of each test's own: the write script's checkpoint fence, a Redis
+//! restarted empty, a node replaying its log, Redis Cluster, the TTL, the change channel and the
+//! memory figure. The black-box API suite and the crash test also run with Redis (`api`, `crash`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use kairos_state::portable::{PortableProfile, StoredProfile};
+use kairos_state::profile::Profile;
+
+use crate::support::{ids, Redis, RedisCluster, RedisServer, TempDir, TestNode};
+
+fn view(user: &str, item: &str, ts: i64, id: &str) -> Value {
+    json!({"type": "track", "event": "product_view", "userId": user, "messageId": id,
+           "timestamp": ts, "properties": {"product_id": item, "category": format!("cat-{}", &item[..1])}})
+}
+
+fn profile_with_events(events: u64) -> StoredProfile {
+    let mut profile = Profile::default();
+    profile.counters.events = events;
+    StoredProfile::Profile(Box::new(PortableProfile {
+        profile,
+        items: vec![],
+        categories: vec![],
+        brands: vec![],
+    }))
+}
+
+fn metric(text: &str, name: &str) -> i64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Waits until `node` applied every event of users `u0` … `u{users-1}` (read-your-writes), and
+/// Redis holds their profiles.
+async fn settle(node: &TestNode, redis: &Redis, users: usize) {
+    for u in 0..users {
+        let (s, _) = node.get(&format!("/v1/profiles?user_id=u{u}")).await;
+        assert_eq!(s, 200);
+    }
+    redis.assert_holds_the_profiles_of(node.node());
+}
+
+/// A node on the embedded log with its profiles in `redis`.
+fn node_on(redis: &Redis, dir: &std::path::Path, overrides: &str) -> TestNode {
+    TestNode::start(dir, &format!("state = \"{}\"\n{overrides}", redis.url()))
+}
+
+/// The write script replaces a profile only with one at a checkpoint that dominates the stored
+/// one: never behind on a partition, ahead on at least one.
+#[test]
+fn a_profile_is_replaced_only_by_a_newer_one() {
+    let server = Redis::Single(RedisServer::start());
+    let mut redis = server.profiles();
+    let key: Box<str> = "u:fenced".into();
+    let write = |redis: &mut kairos_state::redis_mirror::RedisProfiles, events, offsets: &[u64]| {
+        let r = redis
+            .write(&[(key.clone(), profile_with_events(events))], offsets)
+            .unwrap();
+        assert_eq!(r.written + r.stale, 1);
+        r.written == 1
+    };
+    let stored = |redis: &mut kairos_state::redis_mirror::RedisProfiles| redis.read(&key).unwrap();
+
+    assert!(write(&mut redis, 5, &[5]), "nothing stored yet");
+    assert!(!write(&mut redis, 3, &[3]), "older");
+    assert!(!write(&mut redis, 9, &[5]), "the same checkpoint again");
+    assert_eq!(stored(&mut redis), Some((profile_with_events(5), vec![5])));
+    assert!(write(&mut redis, 6, &[6]), "newer");
+    assert!(
+        write(&mut redis, 7, &[6, 1]),
+        "ahead on a partition the stored one lacks"
+    );
+    assert!(
+        !write(&mut redis, 8, &[7, 0]),
+        "ahead on one partition, behind on another"
+    );
+    assert!(
+        !write(&mut redis, 8, &[7]),
+        "missing a partition the stored one has progress on"
+    );
+    assert!(
+        write(&mut redis, 9, &[7, 1]),
+        "ahead on one, level on the other"
+    );
+    assert_eq!(
+        stored(&mut redis),
+        Some((profile_with_events(9), vec![7, 1]))
+    );
+}
+
+fn traffic(users: usize, events: usize, from: usize) -> Value {
+    let batch: Vec<Value> = (from..from + events)
+        .map(|i| {
+            let item = format!("{}{}", ["a", "b", "c"][i % 3], i % 7);
+            view(
+                &format!("u{}", i % users),
+                &item,
+                1_000 + i as i64,
+                &format!("m{i}"),
+            )
+        })
+        .collect();
+    json!({ "batch": batch })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_is_refilled_from_the_state() {
+    let mut redis = Redis::Single(RedisServer::start());
+    let dir = TempDir::new("redis-restart");
+    let node = node_on(&redis, dir.path(), "");
+    let (s, resp) = node.post("/v1/batch", &traffic(12, 60, 0)).await;
+    assert_eq!(s, 200, "{resp}");
+    settle(&node, &redis, 12).await;
+    let read_all = |redis: &Redis| -> Vec<_> {
+        let mut client = redis.profiles();
+        (0..12)
+            .map(|u| client.read(&format!("u:u{u}")).unwrap())
+            .collect()
+    };
+    let before = read_all(&redis);
+    let (_, rec_before) = node.get("/v1/recommendations?user_id=u3&k=5").await;
+
+    let Redis::Single(server) = &mut redis else {
+        unreachable!()
+    };
+    server.restart_empty();
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "0");
+    redis.assert_holds_the_profiles_of(node.node());
+    assert_eq!(
+        before,
+        read_all(&redis),
+        "the same profiles at the same checkpoint"
+    );
+    let (_, rec_after) = node.get("/v1/recommendations?user_id=u3&k=5").await;
+    assert!(!ids(&rec_after).is_empty());
+    assert_eq!(ids(&rec_before), ids(&rec_after));
+    let (_, metrics) = node.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert_eq!(
+        metric(metrics, "kairos_redis_resyncs_total"),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(metric(metrics, "kairos_redis_up"), 1);
+    node.shutdown();
+}
+
+/// A node that lost its snapshots replays its whole log: on the way it holds older versions of
+/// the profiles, and Redis (which has the newer ones) refuses them; at the end both agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaying_node_never_puts_older_profiles_over_newer_ones() {
+    let redis = Redis::Single(RedisServer::start());
+    let dir = TempDir::new("redis-replay");
+    let node = node_on(&redis, dir.path(), "");
+    for n in 0..20 {
+        let (s, _) = node.post("/v1/batch", &traffic(5, 100, n * 100)).await;
+        assert_eq!(s, 200);
+    }
+    settle(&node, &redis, 5).await;
+    let before = redis
+        .profiles()
+        .read("u:u1")
+        .unwrap()
+        .expect("u1 is in Redis");
+    node.shutdown();
+
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    // Watch u1 in Redis while the node restarts and replays: it must never go back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, mut client) = (stop.clone(), redis.profiles());
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                seen.push(client.read("u:u1").unwrap().expect("u1 stays in Redis"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen
+        })
+    };
+    // Flush often and in small pipelines, so that writes happen while the log replays.
+    let node = node_on(
+        &redis,
+        dir.path(),
+        "[redis]\nflush_interval_ms = 1\nbatch = 1\n",
+    );
+    redis.assert_holds_the_profiles_of(node.node());
+    stop.store(true, Ordering::Release);
+    let seen = watcher.join().unwrap();
+    assert!(seen.len() > 1);
+    if let Some(other) = seen.iter().find(|s| **s != before) {
+        panic!("Redis went back to an older u1:\n{other:?}\ninstead of\n{before:?}");
+    }
+    let (_, metrics) = node.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metric(metrics, "kairos_redis_profiles_stale_total") >= 5,
+        "every replayed profile was refused, Redis holding it at the same checkpoint: {metrics}"
+    );
+    node.shutdown();
+}
+
+/// Three masters: the profiles spread over the slots (each key tagged by its profile key) and
+/// every one reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_spread_over_a_redis_cluster() {
+    let redis = Redis::Cluster(RedisCluster::start());
+    let dir = TempDir::new("redis-cluster");
+    let node = node_on(&redis, dir.path(), "");
+    for n in 0..4 {
+        let (s, _) = node.post("/v1/batch", &traffic(150, 100, n * 100)).await;
+        assert_eq!(s, 200);
+    }
+    settle(&node, &redis, 150).await;
+    let Redis::Cluster(cluster) = &redis else {
+        unreachable!()
+    };
+    let sizes: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["DBSIZE"]).trim().parse().unwrap())
+        .collect();
+    assert!(
+        sizes.iter().all(|&n| n > 10),
+        "keys on every master: {sizes:?}"
+    );
+    // The hash tag is the profile key.
+    let slot = |key: &str| cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]);
+    assert_eq!(slot("kairos:{u:u7}"), slot("u:u7"));
+    node.shutdown();
+}
+
+/// TTL, the change channel, and Redis memory per profile in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_profiles_expire_are_announced_and_measured() {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut pubsub = conn.as_pubsub();
+    pubsub.subscribe("kairos:changed").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let redis = Redis::Single(server);
+    let dir = TempDir::new("redis-ttl");
+    let node = node_on(&redis, dir.path(), "[redis]\nprofile_ttl_secs = 1234\n");
+    let (s, _) = node
+        .post(
+            "/v1/batch",
+            &json!({"batch": [view("watched", "a1", 5, "w1")]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let message = pubsub.get_message().expect("a change is announced");
+        if message.get_payload::<String>().unwrap() == "kairos:{u:watched}" {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+    }
+    let Redis::Single(server) = &redis else {
+        unreachable!()
+    };
+    let ttl: u64 = server
+        .cli(&["TTL", "kairos:{u:watched}"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1200..=1234).contains(&ttl), "ttl {ttl}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = node.get("/metrics").await;
+        let bytes = metric(metrics.as_str().unwrap(), "kairos_redis_profile_bytes");
+        if bytes > 0 {
+            assert!(bytes < 4096, "{bytes} bytes for a one-event profile");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no memory figure");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.shutdown();
+}
