@@ -204,7 +204,9 @@ impl RedisProfiles {
                 p.query(c)
             }
         };
-        if result.is_err() {
+        // An error Redis answered with leaves the connection usable; anything else (a timeout,
+        // a dropped connection, a moved cluster) reconnects on the next call.
+        if result.as_ref().is_err_and(|e| e.code().is_none()) {
             self.conn = None;
         }
         result
@@ -221,22 +223,44 @@ impl RedisProfiles {
         }
         let fence = fence(offsets);
         let channel = self.channel();
-        let cmds = profiles
+        let docs: Vec<(String, Vec<u8>)> = profiles
             .iter()
-            .map(|(key, stored)| {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(WRITE_SCRIPT)
-                    .arg(1)
-                    .arg(self.key(key))
-                    .arg(stored.encode())
-                    .arg(&fence)
-                    .arg(self.settings.profile_ttl_secs)
-                    .arg(&channel);
-                cmd
-            })
+            .map(|(key, stored)| (self.key(key), stored.encode()))
             .collect();
+        // EVALSHA sends the script's hash instead of its text. A node that does not have the
+        // script yet (restarted, or a new cluster node) answers NOSCRIPT; the batch then goes
+        // again with EVAL, which also caches the script there. Profiles the first attempt
+        // already wrote are refused the second time as not newer, which changes nothing.
+        let script = redis::Script::new(WRITE_SCRIPT);
+        let ttl = self.settings.profile_ttl_secs;
+        let commands = |by_hash: bool| -> Vec<Cmd> {
+            docs.iter()
+                .map(|(key, doc)| {
+                    let mut cmd = if by_hash {
+                        let mut c = redis::cmd("EVALSHA");
+                        c.arg(script.get_hash());
+                        c
+                    } else {
+                        let mut c = redis::cmd("EVAL");
+                        c.arg(WRITE_SCRIPT);
+                        c
+                    };
+                    cmd.arg(1)
+                        .arg(key)
+                        .arg(doc)
+                        .arg(&fence)
+                        .arg(ttl)
+                        .arg(&channel);
+                    cmd
+                })
+                .collect()
+        };
+        let values = match self.run(commands(true)) {
+            Err(e) if e.code() == Some("NOSCRIPT") => self.run(commands(false))?,
+            other => other?,
+        };
         let mut report = WriteReport::default();
-        for v in self.run(cmds)? {
+        for v in values {
             match v {
                 Value::Int(1) => report.written += 1,
                 _ => report.stale += 1,

@@ -508,7 +508,7 @@ async fn every_endpoint_and_error_code_on(backend: Backend) {
         "error codes never exercised: {missing:?}"
     );
     if let Some(redis) = backend.redis() {
-        redis.assert_holds_the_profiles_of(node.node());
+        redis.assert_holds_the_profiles_of(&node);
     }
 }
 
@@ -642,7 +642,7 @@ async fn events_change_recommendations_immediately_on(backend: Backend) {
         "unless switched off: {rec}"
     );
     if let Some(redis) = backend.redis() {
-        redis.assert_holds_the_profiles_of(node.node());
+        redis.assert_holds_the_profiles_of(&node);
     }
     node.shutdown();
 }

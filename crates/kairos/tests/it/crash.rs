@@ -216,6 +216,6 @@ fn crash_test(backend: &Backend) {
     }
     assert_states_equal(&persisted.read(), &clean);
     if let Some(redis) = backend.redis() {
-        redis.assert_holds(&clean);
+        redis.assert_holds(&clean, &Backend::topic(dir.path()));
     }
 }

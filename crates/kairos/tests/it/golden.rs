@@ -160,14 +160,15 @@ async fn golden_replay_straight_and_with_restarts() {
     golden_replay(Backend::Embedded).await;
 }
 
-/// The same stream through a Kafka-protocol broker gives the same saved state. One partition:
+/// The same stream through a Kafka-protocol broker, with the profiles in Redis, gives the same
+/// saved state, and Redis holds every profile of it. One partition:
 /// Kafka orders nothing across partitions, and the item statistics and the session model depend
 /// (through decay and bounded neighbour lists) on the order in which different people's events
 /// are applied; per-person state does not
 /// (`profiles_do_not_depend_on_the_interleaving_of_partitions`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn golden_replay_on_kafka() {
-    golden_replay(Backend::kafka(1)).await;
+async fn golden_replay_on_kafka_redis() {
+    golden_replay(Backend::kafka_redis(1)).await;
 }
 
 /// On four partitions Kafka interleaves different people's events differently from the order
@@ -199,6 +200,9 @@ async fn golden_replay(backend: Backend) {
     feed(&node, &events).await;
     let straight = observe(&node).await;
     compare_with_golden(&straight);
+    if let Some(redis) = backend.redis() {
+        redis.assert_holds_the_profiles_of(&node);
+    }
     // The same node after a restart from its final snapshot.
     node.shutdown();
     let node = TestNode::start_on(&backend, dir.path(), "");
@@ -238,6 +242,9 @@ async fn golden_replay(backend: Backend) {
         straight,
         "restart midway (log replay) differs"
     );
+    if let Some(redis) = backend.redis() {
+        redis.assert_holds_the_profiles_of(&node);
+    }
     // Replaying the same batches again changes nothing: every messageId is a duplicate.
     feed(&node, &events[..200]).await;
     assert_eq!(

@@ -43,7 +43,16 @@ async fn settle(node: &TestNode, redis: &Redis, users: usize) {
         let (s, _) = node.get(&format!("/v1/profiles?user_id=u{u}")).await;
         assert_eq!(s, 200);
     }
-    redis.assert_holds_the_profiles_of(node.node());
+    redis.assert_holds_the_profiles_of(node);
+}
+
+/// Posts `batches` batches of 100 views by `users` users, then [`settle`]s.
+async fn load(node: &TestNode, redis: &Redis, users: usize, batches: usize) {
+    for n in 0..batches {
+        let (s, resp) = node.post("/v1/batch", &traffic(users, 100, n * 100)).await;
+        assert_eq!(s, 200, "{resp}");
+    }
+    settle(node, redis, users).await;
 }
 
 /// A node on the embedded log with its profiles in `redis`.
@@ -131,7 +140,7 @@ async fn redis_restarted_empty_is_refilled_from_the_state() {
     };
     server.restart_empty();
     assert_eq!(server.cli(&["DBSIZE"]).trim(), "0");
-    redis.assert_holds_the_profiles_of(node.node());
+    redis.assert_holds_the_profiles_of(&node);
     assert_eq!(
         before,
         read_all(&redis),
@@ -158,11 +167,7 @@ async fn a_replaying_node_never_puts_older_profiles_over_newer_ones() {
     let redis = Redis::Single(RedisServer::start());
     let dir = TempDir::new("redis-replay");
     let node = node_on(&redis, dir.path(), "");
-    for n in 0..20 {
-        let (s, _) = node.post("/v1/batch", &traffic(5, 100, n * 100)).await;
-        assert_eq!(s, 200);
-    }
-    settle(&node, &redis, 5).await;
+    load(&node, &redis, 5, 20).await;
     let before = redis
         .profiles()
         .read("u:u1")
@@ -190,7 +195,7 @@ async fn a_replaying_node_never_puts_older_profiles_over_newer_ones() {
         dir.path(),
         "[redis]\nflush_interval_ms = 1\nbatch = 1\n",
     );
-    redis.assert_holds_the_profiles_of(node.node());
+    redis.assert_holds_the_profiles_of(&node);
     stop.store(true, Ordering::Release);
     let seen = watcher.join().unwrap();
     assert!(seen.len() > 1);
@@ -213,11 +218,7 @@ async fn profiles_spread_over_a_redis_cluster() {
     let redis = Redis::Cluster(RedisCluster::start());
     let dir = TempDir::new("redis-cluster");
     let node = node_on(&redis, dir.path(), "");
-    for n in 0..4 {
-        let (s, _) = node.post("/v1/batch", &traffic(150, 100, n * 100)).await;
-        assert_eq!(s, 200);
-    }
-    settle(&node, &redis, 150).await;
+    load(&node, &redis, 150, 4).await;
     let Redis::Cluster(cluster) = &redis else {
         unreachable!()
     };

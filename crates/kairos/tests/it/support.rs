@@ -375,17 +375,26 @@ impl Redis {
         }
     }
 
-    /// A client reading the profiles a node writes.
+    /// A client reading the profiles a node with the default key prefix writes.
     pub fn profiles(&self) -> kairos_state::redis_mirror::RedisProfiles {
-        kairos_state::redis_mirror::RedisProfiles::new(&self.url(), Default::default()).unwrap()
+        self.profiles_under("kairos")
+    }
+
+    /// A client reading the profiles written under `prefix`.
+    pub fn profiles_under(&self, prefix: &str) -> kairos_state::redis_mirror::RedisProfiles {
+        let settings = kairos_state::RedisSettings {
+            prefix: prefix.into(),
+            ..Default::default()
+        };
+        kairos_state::redis_mirror::RedisProfiles::new(&self.url(), settings).unwrap()
     }
 
     /// Waits until Redis holds exactly what `node`'s state says every profile key holds.
-    pub fn assert_holds_the_profiles_of(&self, node: &Node) {
-        let mut redis = self.profiles();
+    pub fn assert_holds_the_profiles_of(&self, node: &TestNode) {
+        let mut redis = self.profiles_under(&node.config.redis.prefix);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let mismatch = first_mismatch(&mut redis, &node.store.read());
+            let mismatch = first_mismatch(&mut redis, &node.node().store.read());
             match mismatch {
                 None => return,
                 Some(key) if Instant::now() > deadline => {
@@ -396,9 +405,10 @@ impl Redis {
         }
     }
 
-    /// Redis holds exactly what `state` says every profile key holds (no waiting).
-    pub fn assert_holds(&self, state: &kairos_state::State) {
-        if let Some(key) = first_mismatch(&mut self.profiles(), state) {
+    /// Redis holds, under `prefix`, exactly what `state` says every profile key holds (no
+    /// waiting).
+    pub fn assert_holds(&self, state: &kairos_state::State, prefix: &str) {
+        if let Some(key) = first_mismatch(&mut self.profiles_under(prefix), state) {
             panic!("Redis does not hold what the state has for {key:?}");
         }
     }
@@ -489,6 +499,7 @@ impl Backend {
                 ];
                 if let Some(redis) = redis {
                     env.push(("KAIROS_STATE".into(), redis.url()));
+                    env.push(("KAIROS_REDIS__PREFIX".into(), Self::topic(data_dir)));
                 }
                 env
             }
@@ -511,12 +522,17 @@ impl Backend {
                 redis,
             } => {
                 let topic = Self::topic(data_dir);
-                let state = redis
-                    .as_ref()
-                    .map(|r| format!("state = \"{}\"\n", r.url()))
-                    .unwrap_or_default();
+                // With Redis, the node's keys are prefixed by its topic too, so that the nodes
+                // of one test sharing a Redis never meet.
+                let (state, prefix) = match redis {
+                    Some(r) => (
+                        format!("state = \"{}\"\n", r.url()),
+                        format!("[redis]\nprefix = \"{topic}\"\n"),
+                    ),
+                    None => Default::default(),
+                };
                 format!(
-                    "log = \"kafka://{}\"\n{state}{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n",
+                    "log = \"kafka://{}\"\n{state}{overrides}\n[kafka]\ntopic = \"{topic}\"\npartitions = {partitions}\n{prefix}",
                     broker.addr
                 )
             }
