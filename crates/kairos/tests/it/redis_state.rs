@@ -160,6 +160,57 @@ async fn redis_restarted_empty_is_refilled_from_the_state() {
     node.shutdown();
 }
 
+/// While Redis does not answer, the node keeps acknowledging and applying events; the profiles
+/// changed meanwhile are written once Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_changed_while_redis_hangs_are_written_when_it_answers() {
+    let redis = Redis::Single(RedisServer::start());
+    let dir = TempDir::new("redis-hang");
+    let node = node_on(&redis, dir.path(), "[redis]\ntimeout_ms = 200\n");
+    load(&node, &redis, 8, 1).await;
+    let Redis::Single(server) = &redis else {
+        unreachable!()
+    };
+    server.freeze(true);
+    let (s, resp) = node.post("/v1/batch", &traffic(8, 100, 100)).await;
+    assert_eq!(s, 200, "ingest does not wait for Redis: {resp}");
+    for u in 0..8 {
+        let (s, _) = node.get(&format!("/v1/profiles?user_id=u{u}")).await;
+        assert_eq!(s, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = node.get("/metrics").await;
+        let metrics = metrics.as_str().unwrap().to_owned();
+        if metric(&metrics, "kairos_redis_up") == 0 {
+            assert!(metric(&metrics, "kairos_redis_errors_total") > 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hang was not noticed: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.freeze(false);
+    redis.assert_holds_the_profiles_of(&node);
+    // The writes a frozen Redis ran when it woke up may have done it: the node notices that
+    // Redis answers again on its next round trip, after its backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, metrics) = node.get("/metrics").await;
+        let metrics = metrics.as_str().unwrap().to_owned();
+        if metric(&metrics, "kairos_redis_up") == 1 {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "Redis never counted as up again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Redis kept its data: no profile needed a full rewrite.
+    assert_eq!(metric(&metrics, "kairos_redis_resyncs_total"), 1);
+    node.shutdown();
+}
+
 /// A node that lost its snapshots replays its whole log: on the way it holds older versions of
 /// the profiles, and Redis (which has the newer ones) refuses them; at the end both agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

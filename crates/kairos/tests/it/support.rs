@@ -288,6 +288,15 @@ impl RedisServer {
             .expect("redis-server restarts on its port");
     }
 
+    /// Freezes (`true`) or resumes the server with SIGSTOP / SIGCONT: a Redis that stops
+    /// answering without closing its connections.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({signal})");
+    }
+
     /// Runs a command with redis-cli; its output.
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args).unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
