@@ -27,6 +27,8 @@
 //!   refused during a replay held what the replay would have written.
 //! - Every profile changed in memory is written eventually: changes taken from the state and not
 //!   written (Redis down, a timeout) are marked changed again and retried.
+//! - A node that did not stop with every change written (its first start, a crash, Redis down at
+//!   shutdown) writes every profile when it starts (see [`SYNCED_FILE`]).
 //! - When the marker is missing, every profile is marked changed and written, then the marker is
 //!   set (checked every second). So Redis restarted empty holds every profile again after one
 //!   pass, without replaying anything: the state in memory already has them.
@@ -352,14 +354,15 @@ impl MirrorMetrics {
     }
 }
 
-/// Writes the profiles `store` changes to Redis until `stop` is set (then once more, so that a
-/// clean shutdown leaves Redis current).
+/// Writes the profiles `store` changes to Redis until `stop` is set, then once more, so that a
+/// clean shutdown leaves Redis current. Returns whether it did: every change written and the
+/// marker in place (see [`SYNCED_FILE`]).
 pub fn run_mirror(
     mut redis: RedisProfiles,
     store: Arc<EmbeddedStore>,
     metrics: MirrorMetrics,
     stop: Arc<AtomicBool>,
-) {
+) -> bool {
     let interval = Duration::from_millis(redis.settings.flush_interval_ms.max(1));
     let mut last_check: Option<Instant> = None;
     let mut last_sample: Option<Instant> = None;
@@ -385,13 +388,21 @@ pub fn run_mirror(
                 Err(e) => {
                     fail(&metrics, &mut backoff, &e);
                     if stopping {
-                        return;
+                        return false;
                     }
                     continue;
                 }
             }
         }
-        match flush(&mut redis, &store, &metrics) {
+        let flushed = flush(&mut redis, &store, &metrics);
+        if stopping {
+            let synced = flushed.is_ok() && !resync_pending;
+            if let Err(e) = &flushed {
+                tracing::warn!(error = %e, "the last profiles could not be written to Redis; the next start writes them all");
+            }
+            return synced;
+        }
+        match flushed {
             Ok(sampled) => {
                 backoff = Duration::ZERO;
                 metrics.up.set(1);
@@ -421,11 +432,14 @@ pub fn run_mirror(
             }
             Err(e) => fail(&metrics, &mut backoff, &e),
         }
-        if stopping {
-            return;
-        }
     }
 }
+
+/// Left in the state directory by a node whose mirror stopped with every change written. A
+/// node that starts without it (first start, a crash, Redis unreachable at shutdown) marks every
+/// profile changed: only this run's changes are tracked in memory, so profiles changed after the
+/// last write and before a snapshot would otherwise never reach Redis.
+pub const SYNCED_FILE: &str = "redis-synced";
 
 fn fail(metrics: &MirrorMetrics, backoff: &mut Duration, e: &redis::RedisError) {
     if *backoff == Duration::ZERO || metrics.up.get() == 1 {

@@ -36,8 +36,9 @@ pub struct Node {
     pub role: Role,
     stop: Arc<AtomicBool>,
     processor: Option<JoinHandle<Result<(), String>>>,
-    /// The thread writing profiles to Redis, and its stop flag.
-    mirror: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// The thread writing profiles to Redis (it returns whether it stopped with every change
+    /// written), its stop flag, and the file that records it.
+    mirror: Option<Mirror>,
 }
 
 impl Node {
@@ -236,11 +237,21 @@ impl Node {
     }
 
     fn stop_mirror(&mut self) {
-        if let Some((stop, handle)) = self.mirror.take() {
-            stop.store(true, Ordering::Release);
-            let _ = handle.join();
+        if let Some(mirror) = self.mirror.take() {
+            mirror.stop.store(true, Ordering::Release);
+            if mirror.handle.join().unwrap_or(false) {
+                if let Err(e) = std::fs::write(&mirror.synced_file, b"") {
+                    tracing::warn!(error = %e, "recording that Redis is current");
+                }
+            }
         }
     }
+}
+
+struct Mirror {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<bool>,
+    synced_file: std::path::PathBuf,
 }
 
 /// Starts the thread that writes the profiles `store` changes to Redis.
@@ -250,14 +261,20 @@ fn start_mirror(
     url: &str,
     store: &Arc<EmbeddedStore>,
     registry: &Registry,
-) -> Result<(Arc<AtomicBool>, JoinHandle<()>), String> {
-    use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, RedisProfiles};
+) -> Result<Mirror, String> {
+    use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, RedisProfiles, SYNCED_FILE};
     let mut redis = RedisProfiles::new(url, config.redis.clone())?;
     // A wrong address is a configuration error to report now; later outages are retried.
     redis
         .has_marker()
         .map_err(|e| format!("state backend: cannot reach Redis at {url:?}: {e}"))?;
     store.track_profile_changes();
+    // Only a clean stop of the last run, with Redis current, leaves this file behind.
+    let synced_file = config.data_dir.join("state").join(SYNCED_FILE);
+    if std::fs::remove_file(&synced_file).is_err() {
+        tracing::info!("the last run did not stop with Redis current: writing every profile");
+        store.mark_all_profiles_changed();
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let (thread_stop, thread_store) = (stop.clone(), store.clone());
     let metrics = MirrorMetrics::new(registry);
@@ -266,7 +283,11 @@ fn start_mirror(
         .spawn(move || run_mirror(redis, thread_store, metrics, thread_stop))
         .map_err(|e| format!("starting the Redis thread: {e}"))?;
     tracing::info!(url, "profiles are written to Redis");
-    Ok((stop, handle))
+    Ok(Mirror {
+        stop,
+        handle,
+        synced_file,
+    })
 }
 
 /// The Kafka log on `brokers`, numbering from `start_seq`, with a consumer if `consume`.

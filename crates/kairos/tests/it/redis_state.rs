@@ -211,6 +211,45 @@ async fn profiles_changed_while_redis_hangs_are_written_when_it_answers() {
     node.shutdown();
 }
 
+/// Redis (durable) is down when the node stops, so the node's last changes never reach it. The
+/// next start writes every profile, and Redis, back with its old data, is current again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_missed_redis_at_shutdown_are_written_at_the_next_start() {
+    let mut redis = Redis::Single(RedisServer::start_durable());
+    let dir = TempDir::new("redis-down-at-stop");
+    let node = node_on(&redis, dir.path(), "[redis]\ntimeout_ms = 200\n");
+    load(&node, &redis, 6, 1).await;
+    let Redis::Single(server) = &mut redis else {
+        unreachable!()
+    };
+    server.kill();
+    let (s, _) = node.post("/v1/batch", &traffic(6, 100, 100)).await;
+    assert_eq!(s, 200);
+    for u in 0..6 {
+        let (s, _) = node.get(&format!("/v1/profiles?user_id=u{u}")).await;
+        assert_eq!(s, 200);
+    }
+    node.shutdown();
+    server.start_again();
+    assert!(
+        server.cli(&["EXISTS", "kairos:meta"]).trim() == "1",
+        "Redis came back with its data"
+    );
+    let node = node_on(&redis, dir.path(), "[redis]\ntimeout_ms = 200\n");
+    redis.assert_holds_the_profiles_of(&node);
+    node.shutdown();
+    // Stopped cleanly with Redis up: the next start has nothing to catch up on.
+    let node = node_on(&redis, dir.path(), "");
+    let (_, metrics) = node.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap();
+    assert_eq!(
+        metric(metrics, "kairos_redis_profiles_written_total"),
+        0,
+        "{metrics}"
+    );
+    node.shutdown();
+}
+
 /// A node that lost its snapshots replays its whole log: on the way it holds older versions of
 /// the profiles, and Redis (which has the newer ones) refuses them; at the end both agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -204,18 +204,34 @@ fn tansu_binary() -> PathBuf {
 
 /// A `redis-server` of the test's own on a free loopback port, keeping nothing on disk.
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     pub port: u16,
     dir: TempDir,
-    cluster: bool,
+    mode: RedisMode,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum RedisMode {
+    /// Nothing on disk.
+    Plain,
+    /// A cluster node (nothing on disk but its cluster configuration).
+    Cluster,
+    /// Every write in an append-only file, fsynced before the reply: survives a SIGKILL.
+    Durable,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        Self::start_in(false)
+        Self::start_in(RedisMode::Plain)
     }
 
-    fn start_in(cluster: bool) -> RedisServer {
+    /// A server that keeps every write across a SIGKILL (`appendfsync always`).
+    pub fn start_durable() -> RedisServer {
+        Self::start_in(RedisMode::Durable)
+    }
+
+    fn start_in(mode: RedisMode) -> RedisServer {
+        let cluster = mode == RedisMode::Cluster;
         for _ in 0..5 {
             // A cluster node also listens on port + 10000 (the cluster bus).
             let port = free_port();
@@ -225,34 +241,31 @@ impl RedisServer {
                 continue;
             }
             let dir = TempDir::new("redis");
-            if let Some(child) = Self::spawn(port, dir.path(), cluster) {
+            if let Some(child) = Self::spawn(port, dir.path(), mode) {
                 return RedisServer {
-                    child,
+                    child: Some(child),
                     port,
                     dir,
-                    cluster,
+                    mode,
                 };
             }
         }
         panic!("redis-server did not start on a free port in five tries");
     }
 
-    fn spawn(port: u16, dir: &Path, cluster: bool) -> Option<Child> {
+    fn spawn(port: u16, dir: &Path, mode: RedisMode) -> Option<Child> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--save", "", "--protected-mode", "no"])
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if cluster {
-            cmd.args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ]);
-        }
+        match mode {
+            RedisMode::Plain => cmd.args(["--appendonly", "no"]),
+            RedisMode::Cluster => cmd.args(["--appendonly", "no", "--cluster-enabled", "yes"]),
+            RedisMode::Durable => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
+        };
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
                 "starting redis-server: {e} (scripts/test.sh installs it from Debian's packages)"
@@ -277,23 +290,39 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server and starts an empty one on the same port (Redis restarted without
-    /// persistence).
+    /// Kills the server (SIGKILL) and starts an empty one on the same port (Redis restarted
+    /// without persistence).
     pub fn restart_empty(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(self.dir.path());
         std::fs::create_dir_all(self.dir.path()).unwrap();
-        self.child = Self::spawn(self.port, self.dir.path(), self.cluster)
-            .expect("redis-server restarts on its port");
+        self.start_again();
+    }
+
+    /// Kills the server with SIGKILL; [`RedisServer::start_again`] brings it back.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on its port and directory (a durable one with its data).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        self.child = Some(
+            Self::spawn(self.port, self.dir.path(), self.mode)
+                .expect("redis-server restarts on its port"),
+        );
     }
 
     /// Freezes (`true`) or resumes the server with SIGSTOP / SIGCONT: a Redis that stops
     /// answering without closing its connections.
     pub fn freeze(&self, frozen: bool) {
         let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        let pid = self.child.as_ref().expect("the server is running").id();
         // SAFETY: kill(2) on the pid of a child this struct owns and has not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill({signal})");
     }
 
@@ -305,8 +334,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -329,7 +357,9 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_in(true)).collect();
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_in(RedisMode::Cluster))
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
