@@ -342,14 +342,37 @@ pub struct MirrorMetrics {
 
 impl MirrorMetrics {
     pub fn new(registry: &Registry) -> MirrorMetrics {
+        let counter = |name: &str, help: &str| registry.counter(name, help, &[]);
+        let gauge = |name: &str, help: &str| registry.gauge(name, help, &[]);
         MirrorMetrics {
-            written: registry.counter("kairos_redis_profiles_written_total", "Profiles written to Redis.", &[]),
-            stale: registry.counter("kairos_redis_profiles_stale_total", "Profile writes Redis refused because it held a newer one (a replay after a restart).", &[]),
-            errors: registry.counter("kairos_redis_errors_total", "Failed round trips to Redis (the profiles are written again).", &[]),
-            resyncs: registry.counter("kairos_redis_resyncs_total", "Times Redis was found without the mirror and every profile was written again.", &[]),
-            up: registry.gauge("kairos_redis_up", "1 while the last round trip to Redis succeeded.", &[]),
-            pending: registry.gauge("kairos_redis_profiles_pending", "Changed profiles not yet written to Redis.", &[]),
-            profile_bytes: registry.gauge("kairos_redis_profile_bytes", "Redis memory per profile (MEMORY USAGE, averaged over recently written profiles).", &[]),
+            written: counter(
+                "kairos_redis_profiles_written_total",
+                "Profiles written to Redis.",
+            ),
+            stale: counter(
+                "kairos_redis_profiles_stale_total",
+                "Profile writes Redis refused because it held one at the same or a newer checkpoint.",
+            ),
+            errors: counter(
+                "kairos_redis_errors_total",
+                "Failed round trips to Redis (the profiles are written again).",
+            ),
+            resyncs: counter(
+                "kairos_redis_resyncs_total",
+                "Times Redis was found without the copy and every profile was written again.",
+            ),
+            up: gauge(
+                "kairos_redis_up",
+                "1 while the last round trip to Redis succeeded.",
+            ),
+            pending: gauge(
+                "kairos_redis_profiles_pending",
+                "Changed profiles not yet written to Redis.",
+            ),
+            profile_bytes: gauge(
+                "kairos_redis_profile_bytes",
+                "Redis memory per profile (MEMORY USAGE of recently written profiles, averaged).",
+            ),
         }
     }
 }
@@ -398,7 +421,10 @@ pub fn run_mirror(
         if stopping {
             let synced = flushed.is_ok() && !resync_pending;
             if let Err(e) = &flushed {
-                tracing::warn!(error = %e, "the last profiles could not be written to Redis; the next start writes them all");
+                tracing::warn!(
+                    error = %e,
+                    "the last profiles could not be written to Redis; the next start writes them all"
+                );
             }
             return synced;
         }

@@ -55,6 +55,11 @@ async fn every_endpoint_and_error_code_on_kafka_redis() {
     every_endpoint_and_error_code_on(Backend::kafka_redis(4)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_error_code_on_kafka_redis_cluster() {
+    every_endpoint_and_error_code_on(Backend::kafka_redis_cluster(4)).await;
+}
+
 async fn every_endpoint_and_error_code_on(backend: Backend) {
     let dir = TempDir::new("api");
     let node = TestNode::start_on(
@@ -520,6 +525,11 @@ async fn events_change_recommendations_immediately() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_change_recommendations_immediately_on_kafka_redis() {
     events_change_recommendations_immediately_on(Backend::kafka_redis(4)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_change_recommendations_immediately_on_kafka_redis_cluster() {
+    events_change_recommendations_immediately_on(Backend::kafka_redis_cluster(4)).await;
 }
 
 async fn events_change_recommendations_immediately_on(backend: Backend) {

@@ -11,8 +11,8 @@
 //! - `kafka_log`: the Kafka-protocol event log's contract against a real broker (tansu).
 //! - `redis_state`: the profiles in Redis and Redis Cluster, against real `redis-server`s.
 //!
-//! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic; `api`
-//! and `crash` on Kafka with the profiles in Redis too (the scale-out mode).
+//! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic with
+//! the profiles in Redis (the scale-out mode); two `api` scenarios run with a Redis Cluster too.
 
 mod api;
 mod crash;

@@ -515,6 +515,15 @@ impl Backend {
         }
     }
 
+    /// The scale-out mode with the profiles in a Redis Cluster of three masters.
+    pub fn kafka_redis_cluster(partitions: u32) -> Backend {
+        Backend::Kafka {
+            broker: KafkaBroker::start(),
+            partitions,
+            redis: Some(Redis::Cluster(RedisCluster::start())),
+        }
+    }
+
     pub fn redis(&self) -> Option<&Redis> {
         match self {
             Backend::Kafka { redis, .. } => redis.as_ref(),
