@@ -72,8 +72,7 @@ impl LocalTable {
     }
 }
 
-fn remap_list(list: &TopList, map: impl FnMut(u32) -> u32) -> TopList {
-    let mut map = map;
+fn remap_list(list: &TopList, mut map: impl FnMut(u32) -> u32) -> TopList {
     TopList {
         ref_ts: list.ref_ts,
         entries: list.entries.iter().map(|&(k, w)| (map(k), w)).collect(),

@@ -60,20 +60,23 @@ impl RedisTarget {
     /// Parses `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT,HOST:PORT,…`.
     pub fn parse(url: &str) -> Result<RedisTarget, String> {
         if let Some(nodes) = url.strip_prefix("redis-cluster://") {
-            let nodes: Vec<String> = nodes
+            let nodes: Vec<&str> = nodes
                 .trim_end_matches('/')
                 .split(',')
-                .map(|n| format!("redis://{}", n.trim()))
+                .map(str::trim)
                 .collect();
-            if nodes
-                .iter()
-                .any(|n| n.len() <= "redis://".len() || !n.contains(':'))
-            {
+            // Every seed node needs a host and a port.
+            if nodes.iter().any(|n| {
+                !n.split_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty())
+            }) {
                 return Err(format!(
                     "state backend {url:?}: expected redis-cluster://HOST:PORT[,HOST:PORT...]"
                 ));
             }
-            return Ok(RedisTarget::Cluster(nodes));
+            return Ok(RedisTarget::Cluster(
+                nodes.iter().map(|n| format!("redis://{n}")).collect(),
+            ));
         }
         if url.starts_with("redis://") && url.len() > "redis://".len() {
             return Ok(RedisTarget::Single(url.to_owned()));
@@ -94,6 +97,8 @@ pub struct RedisProfiles {
     target: RedisTarget,
     settings: RedisSettings,
     conn: Option<Connection>,
+    /// [`WRITE_SCRIPT`] with its SHA-1, computed once for every EVALSHA.
+    script: redis::Script,
 }
 
 /// Writes a profile unless Redis holds one at a checkpoint this one does not dominate; publishes
@@ -127,7 +132,7 @@ return 1
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteReport {
     pub written: u64,
-    /// Refused because Redis holds the profile at a newer checkpoint.
+    /// Refused because Redis holds the profile at the same or a newer checkpoint.
     pub stale: u64,
 }
 
@@ -138,11 +143,8 @@ impl RedisProfiles {
             target: RedisTarget::parse(url)?,
             settings,
             conn: None,
+            script: redis::Script::new(WRITE_SCRIPT),
         })
-    }
-
-    pub fn settings(&self) -> &RedisSettings {
-        &self.settings
     }
 
     /// The Redis key of profile `key`.
@@ -187,8 +189,8 @@ impl RedisProfiles {
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
-    /// Runs `cmds` in one pipeline (every command names keys of one slot); drops the connection
-    /// on error so that the next call reconnects.
+    /// Runs `cmds` in one pipeline (every command names keys of one slot). After an error Redis
+    /// did not answer itself (a timeout, a dropped connection), the next call reconnects.
     fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         let result = match self.connection()? {
             Connection::Single(c) => {
@@ -206,8 +208,7 @@ impl RedisProfiles {
                 p.query(c)
             }
         };
-        // An error Redis answered with leaves the connection usable; anything else (a timeout,
-        // a dropped connection, a moved cluster) reconnects on the next call.
+        // An error Redis answered with (NOSCRIPT, say) leaves the connection usable.
         if result.as_ref().is_err_and(|e| e.code().is_none()) {
             self.conn = None;
         }
@@ -233,14 +234,14 @@ impl RedisProfiles {
         // script yet (restarted, or a new cluster node) answers NOSCRIPT; the batch then goes
         // again with EVAL, which also caches the script there. Profiles the first attempt
         // already wrote are refused the second time as not newer, which changes nothing.
-        let script = redis::Script::new(WRITE_SCRIPT);
+        let hash = self.script.get_hash().to_owned();
         let ttl = self.settings.profile_ttl_secs;
         let commands = |by_hash: bool| -> Vec<Cmd> {
             docs.iter()
                 .map(|(key, doc)| {
                     let mut cmd = if by_hash {
                         let mut c = redis::cmd("EVALSHA");
-                        c.arg(script.get_hash());
+                        c.arg(&hash);
                         c
                     } else {
                         let mut c = redis::cmd("EVAL");
@@ -532,6 +533,8 @@ mod tests {
             ]))
         );
         for bad in [
+            "redis-cluster://a:1,b",
+            "redis-cluster://:1",
             "redis://",
             "redis-cluster://",
             "redis-cluster://a:1,",
