@@ -316,6 +316,11 @@ impl EventLog for EmbeddedLog {
         // segment holding an offset below `end` was added before `end` was
         // published, so the snapshot below contains all of them.
         let end = state.end_offset.load(Ordering::Acquire);
+        // The writer publishes end offsets before the global sequence number (so that a reader
+        // that sees `committed_seq() == s` finds every record up to `s`). Loaded after `end`, this
+        // bounds the other direction: no record is returned before its sequence number is
+        // committed; the newest batch of a publish still in progress shows on the next read.
+        let committed = self.shared.committed_seq.load(Ordering::Acquire);
         let segments: Vec<Arc<Segment>> = {
             let segments = read(&state.segments);
             let start = segments.first().map_or(end, |s| s.base_offset());
@@ -342,6 +347,7 @@ impl EventLog for EmbeddedLog {
             .saturating_mul(READ_BYTES_PER_RECORD)
             .clamp(MIN_READ_CHUNK_BYTES, MAX_READ_CHUNK_BYTES);
         let mut next = from_offset;
+        let mut publishing = false;
         'segments: for segment in &segments {
             let corrupt = |position: u64, reason: String| LogError::Corrupt {
                 path: segment.path().to_owned(),
@@ -381,6 +387,10 @@ impl EventLog for EmbeddedLog {
                         format!("expected offset {next}, found {}", header.offset),
                     ));
                 }
+                if header.seq > committed {
+                    publishing = true;
+                    break 'segments;
+                }
                 records.push(Record {
                     partition,
                     offset: header.offset,
@@ -395,7 +405,7 @@ impl EventLog for EmbeddedLog {
                 }
             }
         }
-        if records.len() < wanted {
+        if records.len() < wanted && !publishing {
             let last = segments
                 .last()
                 .map(|s| s.path().to_owned())
