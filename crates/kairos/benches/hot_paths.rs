@@ -8,7 +8,10 @@
 //! - `recommend`: the session model's scoring, and `for_you` / `similar` end to end (candidates,
 //!   filters, fallbacks) on a loaded state.
 //!
-//! `cargo bench -p kairos --bench hot_paths` runs them; `-- --quick` for a fast pass.
+//! `cargo bench -p kairos --bench hot_paths` runs them; `-- --quick` for a fast pass. The shop has
+//! 50,000 users and 20,000 items, small enough that most of the state stays in the CPU caches;
+//! `HOT_PATHS_USERS=1000000 HOT_PATHS_ITEMS=100000` measures at the scale of the full
+//! `kairos bench`, where scoring waits on memory (building that state takes about a minute).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -22,17 +25,27 @@ use kairos_state::decay::TopList;
 use kairos_state::{LogPosition, State, StateConfig};
 use kairos_types::{normalize_json, LogEntry, RequestContext};
 
-const USERS: usize = 50_000;
-const ITEMS: usize = 20_000;
+/// Users and items of the shop: `HOT_PATHS_USERS` / `HOT_PATHS_ITEMS`, else these.
+const DEFAULT_USERS: usize = 50_000;
+const DEFAULT_ITEMS: usize = 20_000;
 const RECEIVED_AT: i64 = 1_750_000_000_000;
 /// Events per measured batch of `state/apply`.
 const APPLY_BATCH: usize = 1000;
 
+fn size_from_env(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {v:?}")),
+        Err(_) => default,
+    }
+}
+
 fn shop() -> Arc<Shop> {
     Arc::new(Shop::new(
         ShopSize {
-            items: ITEMS,
-            users: USERS,
+            items: size_from_env("HOT_PATHS_ITEMS", DEFAULT_ITEMS),
+            users: size_from_env("HOT_PATHS_USERS", DEFAULT_USERS),
         },
         42,
     ))
@@ -42,7 +55,7 @@ fn shop() -> Arc<Shop> {
 fn raw_events(shop: &Arc<Shop>, seed: u64, n: usize) -> Vec<String> {
     let visitors = Visitors::Random {
         first: 0,
-        count: USERS as u64,
+        count: shop.size.users as u64,
     };
     let mut traffic = Traffic::new(shop.clone(), seed, visitors, 256, RECEIVED_AT - 3_600_000);
     (0..n)
@@ -69,25 +82,44 @@ fn log_entries(raw: &[String]) -> Vec<LogEntry> {
         .collect()
 }
 
-/// A state with every visitor's first session and more returning traffic applied.
+/// A state with every visitor's first session and more returning traffic applied. Each event is
+/// applied as it is generated, so building a million users' state needs no more memory than the
+/// state itself.
 fn loaded_state(shop: &Arc<Shop>) -> (State, u64) {
     let mut state = State::new(StateConfig::default());
-    let visitors = Visitors::EachOnce {
+    let first_sessions = Visitors::EachOnce {
         first: 0,
-        count: USERS as u64,
+        count: shop.size.users as u64,
         step: 1,
     };
-    let mut traffic = Traffic::new(shop.clone(), 7, visitors, 256, RECEIVED_AT - 7_200_000);
-    let mut raw = Vec::new();
+    let returning = Visitors::Random {
+        first: 0,
+        count: shop.size.users as u64,
+    };
+    let mut first = Traffic::new(
+        shop.clone(),
+        7,
+        first_sessions,
+        256,
+        RECEIVED_AT - 7_200_000,
+    );
+    let mut more = Traffic::new(shop.clone(), 9, returning, 256, RECEIVED_AT - 3_600_000);
+    let mut more_left = shop.size.users * 2;
     let mut buf = Vec::new();
-    while traffic.next_event(&mut buf).is_some() {
-        raw.push(String::from_utf8(std::mem::take(&mut buf)).expect("UTF-8"));
-    }
-    raw.extend(raw_events(shop, 9, USERS * 2));
     let mut seq = 0;
-    for entry in log_entries(&raw) {
+    loop {
+        buf.clear();
+        if first.next_event(&mut buf).is_none() {
+            if more_left == 0 {
+                break;
+            }
+            more_left -= 1;
+            more.next_event(&mut buf).expect("endless traffic");
+        }
+        let raw = std::str::from_utf8(&buf).expect("UTF-8");
+        let event = normalize_json(raw, &request_context(seq as usize)).expect("valid");
         seq += 1;
-        state.apply(position(seq), &entry);
+        state.apply(position(seq), &LogEntry::Event(event));
     }
     (state, seq)
 }
@@ -136,7 +168,7 @@ fn state_benches(c: &mut Criterion) {
     // evolve as in a live stream.
     let visitors = Visitors::Random {
         first: 0,
-        count: USERS as u64,
+        count: shop.size.users as u64,
     };
     let mut traffic = Traffic::new(shop.clone(), 3, visitors, 256, RECEIVED_AT);
     let mut next_batch = move || {
@@ -185,10 +217,10 @@ fn recommend_benches(c: &mut Criterion) {
     let cfg = RecommendConfig::default();
     let mut rng = Rng::new(11);
     let users: Vec<String> = (0..4096)
-        .map(|_| format!("a{}", rng.below(USERS as u64)))
+        .map(|_| format!("a{}", rng.below(shop.size.users as u64)))
         .collect();
     let items: Vec<String> = (0..4096)
-        .map(|_| format!("p{}", rng.zipf(ITEMS as u64)))
+        .map(|_| format!("p{}", rng.zipf(shop.size.items as u64)))
         .collect();
     let sessions: Vec<Vec<u32>> = users
         .iter()
