@@ -797,6 +797,11 @@ type KeyedList = (Option<u32>, Vec<(u32, f32)>);
 /// every item: with a thousand categories asked for in turn (the fallback of `similar` is the
 /// item's category) that was hundreds of catalogue scans a second under the state's read lock,
 /// which the processor's writes queue behind, and every read behind them.
+///
+/// Equal scores are ordered by item id. They are common here: every catalogue item nobody has
+/// touched yet ties, so a new shop's fallback lists are those items in id order. The internal
+/// index would order them by arrival instead, which on a partitioned log depends on how the
+/// partitions interleave, and the same data would give different answers on different backends.
 fn all_ranked_lists(state: &State, kind: ListKind, cfg: &RecommendConfig) -> Vec<KeyedList> {
     let factors = match kind {
         ListKind::Trending => kairos_state::items::trending_factors(&state.config),
@@ -825,9 +830,17 @@ fn all_ranked_lists(state: &State, kind: ListKind, cfg: &RecommendConfig) -> Vec
             }
         }
     }
+    let by_score_then_id = |a: &(u32, f32), b: &(u32, f32)| {
+        b.1.total_cmp(&a.1)
+            .then_with(|| state.items.name(a.0).cmp(state.items.name(b.0)))
+    };
     let top = |mut list: Vec<(u32, f32)>| {
-        keep_best(&mut list, cfg.fallback_list_len);
-        list.sort_unstable_by(by_score_then_index);
+        let n = cfg.fallback_list_len;
+        if n > 0 && list.len() > n {
+            list.select_nth_unstable_by(n - 1, by_score_then_id);
+            list.truncate(n);
+        }
+        list.sort_unstable_by(by_score_then_id);
         list
     };
     let mut lists = Vec::with_capacity(per_category.len() + 1);
@@ -961,6 +974,29 @@ mod cache_tests {
         ids.sort_unstable();
         assert_eq!(ids, ["a", "b"]);
         assert!(misses(&state) > refreshed);
+    }
+
+    /// Untouched catalogue items tie; they are listed by id, whatever order they arrived in
+    /// (on a partitioned log, the order the partitions happened to interleave), also where the
+    /// list is cut to its length.
+    #[test]
+    fn tied_items_are_listed_by_id_not_by_arrival() {
+        let mut state = State::new(StateConfig::default());
+        for (seq, id) in ["d", "b", "e", "a", "c"].into_iter().enumerate() {
+            upsert(&mut state, seq as u64 + 1, id);
+        }
+        assert_eq!(popular_ids(&state), ["a", "b", "c", "d", "e"]);
+        let cfg = RecommendConfig {
+            fallback_list_len: 2,
+            ..RecommendConfig::default()
+        };
+        let lists = all_ranked_lists(&state, ListKind::Popular, &cfg);
+        let global: Vec<&str> = lists[0]
+            .1
+            .iter()
+            .map(|&(i, _)| state.items.name(i))
+            .collect();
+        assert_eq!(global, ["a", "b"]);
     }
 
     /// Without a maintainer (evaluations, tests), stale lists are recomputed by the read.
