@@ -48,7 +48,10 @@
 //! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
 //! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
 //! it, and the consumer drops a record whose id it read recently, so two copies sent at once, or
-//! by two ingest processes, are applied once. Both windows live in memory (the producer's holds
+//! by two ingest processes, are applied once. An append whose record the consumer dropped is
+//! answered as a duplicate whether the broker's delivery report or the consumer's fetch comes
+//! first (the consumer remembers its verdicts on the last `RECENT_STAMPS` records of each
+//! partition). Both windows live in memory (the producer's holds
 //! at most a million ids, the consumer's `dedup_max_entries`). After a restart the
 //! consumer refills its window by reading back (without applying) up to `dedup_restore_records`
 //! records per partition before the state's checkpoint, so a retry of an event from shortly
@@ -231,7 +234,18 @@ struct PartitionFetch {
     /// Reached the end of the partition since the run started.
     at_end: bool,
     buffer: VecDeque<Record>,
-    recent: VecDeque<(u64, u64)>,
+    /// The newest fetched records' verdicts, oldest first (at most `RECENT_STAMPS`), for
+    /// delivery reports that arrive after the consumer fetched their record back.
+    recent: VecDeque<Stamp>,
+}
+
+/// What the consumer made of the record at `offset`: applied under `seq`, or dropped as a
+/// duplicate (then `seq` is the next sequence number, which a read may wait for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    offset: u64,
+    seq: u64,
+    duplicate: bool,
 }
 
 struct Waiter {
@@ -372,10 +386,11 @@ impl ProducerContext for Delivery {
                 let offset = m.offset() as u64;
                 // Without a consumer there is no sequence number to wait for; with one, the
                 // record may not be fetched back yet, and the consumer settles it when it is.
-                let seq = if self.shared.consume {
+                let outcome = if self.shared.consume {
                     let mut fetch = lock(&self.shared.fetch);
-                    let seq = fetch.partitions[partition as usize].seq_of(offset);
-                    if seq.is_none() {
+                    let outcome =
+                        fetch.partitions[partition as usize].outcome_of(partition, offset);
+                    if outcome.is_none() {
                         let since = Instant::now();
                         let waiter = Waiter {
                             batch: batch.clone(),
@@ -384,17 +399,16 @@ impl ProducerContext for Delivery {
                         };
                         fetch.waiting.insert((partition, offset), waiter);
                     }
-                    seq
+                    outcome
                 } else {
-                    Some(0)
-                };
-                if let Some(seq) = seq {
-                    let appended = AppendOutcome::Appended {
+                    Some(AppendOutcome::Appended {
                         partition,
                         offset,
-                        seq,
-                    };
-                    batch.settle(index, Ok(appended));
+                        seq: 0,
+                    })
+                };
+                if let Some(outcome) = outcome {
+                    batch.settle(index, Ok(outcome));
                 }
             }
         }
@@ -402,16 +416,24 @@ impl ProducerContext for Delivery {
 }
 
 impl PartitionFetch {
-    /// The sequence number a read must wait for to see the record at `offset`, if it was
-    /// fetched: its own, or (for a record older than the remembered stamps, or dropped as a
-    /// duplicate) the next one's, which is never lower.
-    fn seq_of(&self, offset: u64) -> Option<u64> {
-        let &(last_offset, _) = self.recent.back()?;
-        if offset > last_offset {
+    /// The outcome of the append that put a record at `offset`, if the consumer fetched it
+    /// already: what the consumer made of it, as if it had settled the append itself. For a
+    /// record older than the remembered stamps the verdict is gone; it is reported appended,
+    /// with the oldest remembered stamp's sequence number, which is never lower than its own.
+    fn outcome_of(&self, partition: u32, offset: u64) -> Option<AppendOutcome> {
+        if self.recent.back()?.offset < offset {
             return None;
         }
-        let i = self.recent.partition_point(|&(o, _)| o < offset);
-        Some(self.recent[i].1)
+        let stamp = self.recent[self.recent.partition_point(|s| s.offset < offset)];
+        Some(if stamp.offset == offset && stamp.duplicate {
+            AppendOutcome::Duplicate
+        } else {
+            AppendOutcome::Appended {
+                partition,
+                offset,
+                seq: stamp.seq,
+            }
+        })
     }
 }
 
@@ -801,11 +823,13 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                     *buffered += 1;
                     *committed_seq
                 };
-                if !duplicate {
-                    pf.recent.push_back((offset, seq));
-                    if pf.recent.len() > RECENT_STAMPS {
-                        pf.recent.pop_front();
-                    }
+                pf.recent.push_back(Stamp {
+                    offset,
+                    seq,
+                    duplicate,
+                });
+                if pf.recent.len() > RECENT_STAMPS {
+                    pf.recent.pop_front();
                 }
                 let waiter = waiting.remove(&(partition, offset));
                 drop(fetch);
@@ -1074,5 +1098,62 @@ impl EventLog for KafkaLog {
 impl Drop for KafkaLog {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(stamps: &[(u64, u64, bool)]) -> PartitionFetch {
+        PartitionFetch {
+            recent: stamps
+                .iter()
+                .map(|&(offset, seq, duplicate)| Stamp {
+                    offset,
+                    seq,
+                    duplicate,
+                })
+                .collect(),
+            ..PartitionFetch::default()
+        }
+    }
+
+    /// A delivery report that arrives after the consumer fetched its record gets the consumer's
+    /// verdict: a retry the consumer dropped is a duplicate, even when a record after it was
+    /// applied (before, it took that record's sequence number and was reported appended).
+    #[test]
+    fn a_late_delivery_report_gets_the_consumers_verdict() {
+        let pf = fetched(&[(10, 7, false), (11, 8, true), (12, 8, false)]);
+        assert_eq!(pf.outcome_of(2, 11), Some(AppendOutcome::Duplicate));
+        assert_eq!(
+            pf.outcome_of(2, 10),
+            Some(AppendOutcome::Appended {
+                partition: 2,
+                offset: 10,
+                seq: 7
+            })
+        );
+        assert_eq!(
+            pf.outcome_of(2, 12),
+            Some(AppendOutcome::Appended {
+                partition: 2,
+                offset: 12,
+                seq: 8
+            })
+        );
+        // Not fetched yet: the consumer settles it when it is.
+        assert_eq!(pf.outcome_of(2, 13), None);
+        assert_eq!(fetched(&[]).outcome_of(2, 0), None);
+        // Older than every remembered stamp: appended, waiting for a sequence number that
+        // covers it.
+        assert_eq!(
+            pf.outcome_of(2, 3),
+            Some(AppendOutcome::Appended {
+                partition: 2,
+                offset: 3,
+                seq: 7
+            })
+        );
     }
 }
