@@ -444,8 +444,17 @@ pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recomme
 
 /// Keeps the `n` best of `list` (by score, then index), in no particular order.
 fn keep_best(list: &mut Vec<(u32, f32)>, n: usize) {
+    keep_best_by(list, n, by_score_then_index);
+}
+
+/// Keeps the `n` entries of `list` that `cmp` orders first, leaving them unordered.
+fn keep_best_by(
+    list: &mut Vec<(u32, f32)>,
+    n: usize,
+    cmp: impl FnMut(&(u32, f32), &(u32, f32)) -> Ordering,
+) {
     if n > 0 && list.len() > n {
-        list.select_nth_unstable_by(n - 1, by_score_then_index);
+        list.select_nth_unstable_by(n - 1, cmp);
         list.truncate(n);
     }
 }
@@ -835,11 +844,7 @@ fn all_ranked_lists(state: &State, kind: ListKind, cfg: &RecommendConfig) -> Vec
             .then_with(|| state.items.name(a.0).cmp(state.items.name(b.0)))
     };
     let top = |mut list: Vec<(u32, f32)>| {
-        let n = cfg.fallback_list_len;
-        if n > 0 && list.len() > n {
-            list.select_nth_unstable_by(n - 1, by_score_then_id);
-            list.truncate(n);
-        }
+        keep_best_by(&mut list, cfg.fallback_list_len, by_score_then_id);
         list.sort_unstable_by(by_score_then_id);
         list
     };
