@@ -237,6 +237,9 @@ pub struct Report {
     pub replay_events_per_sec: Option<f64>,
     pub log_read_secs: Option<f64>,
     pub log_read_events_per_sec: Option<f64>,
+    /// The measured windows a state snapshot overlapped (its fork pause and copy-on-write
+    /// faults show in their tails), by name.
+    pub snapshot_windows: Vec<String>,
     pub duration_secs: f64,
 }
 
@@ -282,6 +285,42 @@ struct Gauges {
     applied_seq: f64,
     users: f64,
     log_bytes: f64,
+    snapshot: SnapshotMark,
+}
+
+/// The server's snapshot activity at one moment.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SnapshotMark {
+    written: f64,
+    running: bool,
+}
+
+impl SnapshotMark {
+    /// Whether a snapshot was being written at any time between this mark and `later`: one was
+    /// running at either end, or one finished in between (which also covers a snapshot that
+    /// started and finished in between).
+    fn overlaps(self, later: SnapshotMark) -> bool {
+        self.running || later.running || later.written != self.written
+    }
+}
+
+/// Runs one measured window and records in `report` whether a state snapshot overlapped it.
+fn window<T>(
+    ctx: &RunContext,
+    report: &mut Report,
+    name: &str,
+    measure: impl FnOnce() -> T,
+) -> Result<T, String> {
+    let before = gauges(ctx.addr)?.snapshot;
+    let out = measure();
+    if before.overlaps(gauges(ctx.addr)?.snapshot) {
+        progress(
+            ctx.started,
+            format!("a state snapshot was written during {name}"),
+        );
+        report.snapshot_windows.push(name.to_owned());
+    }
+    Ok(out)
 }
 
 fn gauges(addr: SocketAddr) -> Result<Gauges, String> {
@@ -296,6 +335,10 @@ fn gauges(addr: SocketAddr) -> Result<Gauges, String> {
         applied_seq: get("kairos_state_applied_seq")?,
         users: get("kairos_state_users")?,
         log_bytes: get("kairos_log_bytes")?,
+        snapshot: SnapshotMark {
+            written: get("kairos_snapshots_total")?,
+            running: get("kairos_snapshot_running")? > 0.0,
+        },
     })
 }
 
@@ -803,7 +846,7 @@ fn serve_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
     };
     let healthz = Arc::new(vec!["/healthz".to_owned()]);
 
-    let mut run = fixed(&for_you);
+    let mut run = window(ctx, report, "for_you at a fixed rate", || fixed(&for_you))?;
     run.check("for_you at a fixed rate")?;
     let l = run.latencies.summary();
     report.serve_rate = Some(plan.serve_rate);
@@ -821,17 +864,21 @@ fn serve_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
             l.count
         ),
     );
-    let run = max(&for_you);
+    let run = window(ctx, report, "for_you at maximum throughput", || {
+        max(&for_you)
+    })?;
     run.check("for_you at maximum throughput")?;
     report.serve_max_rps = Some(run.requests_per_sec());
 
-    let mut run = fixed(&similar);
+    let mut run = window(ctx, report, "similar at a fixed rate", || fixed(&similar))?;
     run.check("similar at a fixed rate")?;
     let l = run.latencies.summary();
     report.similar_p50_us = Some(l.p50_us);
     report.similar_p99_us = Some(l.p99_us);
     report.similar_p999_us = Some(l.p999_us);
-    let run = max(&similar);
+    let run = window(ctx, report, "similar at maximum throughput", || {
+        max(&similar)
+    })?;
     run.check("similar at maximum throughput")?;
     report.similar_max_rps = Some(run.requests_per_sec());
     progress(
@@ -845,7 +892,12 @@ fn serve_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
         ),
     );
 
-    let run = max(&healthz);
+    let run = window(
+        ctx,
+        report,
+        "the empty handler at maximum throughput",
+        || max(&healthz),
+    )?;
     run.check("empty handler at maximum throughput")?;
     report.serve_ceiling_rps = Some(run.requests_per_sec());
     progress(
@@ -873,7 +925,8 @@ fn freshness(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
         ids,
         started,
     } = *ctx;
-    let mut lat = runtime.block_on(async {
+    let mut lat = window(ctx, report, "the freshness probes", || {
+        runtime.block_on(async {
         let mut rng = Rng::new(seed ^ 0xf7);
         let mut conn = Conn::connect(addr)
             .await
@@ -919,7 +972,8 @@ fn freshness(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
             tokio::time::sleep(Duration::from_micros(rng.below(5000))).await;
         }
         Ok::<Latencies, String>(lat)
-    })?;
+    })
+    })??;
     let l = lat.summary();
     report.freshness_p50_us = Some(l.p50_us);
     report.freshness_p99_us = Some(l.p99_us);
@@ -1159,6 +1213,12 @@ impl Report {
             }
             out.push('\n');
         }
+        if !self.snapshot_windows.is_empty() {
+            out.push_str(&format!(
+                "a state snapshot was written during: {}\n",
+                self.snapshot_windows.join("; ")
+            ));
+        }
         out
     }
 
@@ -1178,6 +1238,25 @@ mod tests {
             assert_eq!(Scenario::parse(s.as_str()), Some(s));
         }
         assert_eq!(Scenario::parse("nope"), None);
+    }
+
+    #[test]
+    fn a_snapshot_overlaps_a_window_if_it_ran_at_either_end_or_finished_in_between() {
+        let mark = |written: f64, running: bool| SnapshotMark { written, running };
+        assert!(!mark(3.0, false).overlaps(mark(3.0, false)));
+        assert!(
+            mark(3.0, true).overlaps(mark(4.0, false)),
+            "ran before, finished in"
+        );
+        assert!(
+            mark(3.0, false).overlaps(mark(3.0, true)),
+            "started in, still running"
+        );
+        assert!(
+            mark(3.0, false).overlaps(mark(4.0, false)),
+            "started and finished in"
+        );
+        assert!(mark(3.0, true).overlaps(mark(3.0, true)), "ran all along");
     }
 
     #[test]

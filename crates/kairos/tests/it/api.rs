@@ -476,6 +476,8 @@ async fn every_endpoint_and_error_code_on(backend: Backend) {
         "kairos_log_bytes",
         "kairos_state_users",
         "kairos_cache_hit_ratio",
+        "kairos_snapshots_total",
+        "kairos_snapshot_running 0",
         // Everything acknowledged was applied before the reads above answered.
         "kairos_processor_consumer_lag 0",
     ] {
