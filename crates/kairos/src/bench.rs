@@ -313,14 +313,25 @@ fn window<T>(
 ) -> Result<T, String> {
     let before = gauges(ctx.addr)?.snapshot;
     let out = measure();
-    if before.overlaps(gauges(ctx.addr)?.snapshot) {
+    note_snapshot(ctx, report, name, before, gauges(ctx.addr)?.snapshot);
+    Ok(out)
+}
+
+/// Records the window `name` in `report` if a snapshot overlapped it.
+fn note_snapshot(
+    ctx: &RunContext,
+    report: &mut Report,
+    name: &str,
+    before: SnapshotMark,
+    after: SnapshotMark,
+) {
+    if before.overlaps(after) {
         progress(
             ctx.started,
             format!("a state snapshot was written during {name}"),
         );
         report.snapshot_windows.push(name.to_owned());
     }
-    Ok(out)
 }
 
 fn gauges(addr: SocketAddr) -> Result<Gauges, String> {
@@ -754,6 +765,8 @@ fn ingest_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
         ));
         let after = gauges(addr)?;
         run.check("ingest")?;
+        let name = format!("durable ingest at batch {batch}");
+        note_snapshot(ctx, report, &name, before.snapshot, after.snapshot);
         let catch_up = wait_applied(addr, Duration::from_secs(600))?;
         let lat = run.latencies.summary();
         let figures = IngestFigures {
