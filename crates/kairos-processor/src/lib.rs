@@ -609,6 +609,7 @@ mod tests {
         assert_eq!(got, serde_json::to_value(&expected).unwrap());
         assert_eq!(store.read().counters.entries_applied, n as u64);
     }
+
     /// `kairos_snapshot_running` is 1 exactly while a snapshot is being written, in the
     /// background (forked) and synchronously, and `kairos_snapshots_total` counts each one.
     #[test]

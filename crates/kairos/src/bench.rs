@@ -929,70 +929,15 @@ fn serve_runs(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
 /// until its answer reflects the view (the session strategy appears instead of the cold-start
 /// fallback). Background ingest keeps running meanwhile.
 fn freshness(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
-    let RunContext {
-        runtime,
-        addr,
-        shop,
-        plan,
-        seed,
-        ids,
-        started,
-    } = *ctx;
     let mut lat = window(ctx, report, "the freshness probes", || {
-        runtime.block_on(async {
-        let mut rng = Rng::new(seed ^ 0xf7);
-        let mut conn = Conn::connect(addr)
-            .await
-            .map_err(|e| format!("connecting: {e}"))?;
-        let mut lat = Latencies::default();
-        for n in 0..plan.freshness_probes {
-            let visitor = format!("fresh-{seed:x}-{n}");
-            let item = rng.zipf(shop.size.items as u64);
-            let id = ids.fetch_add(1, Ordering::Relaxed);
-            let body = format!(
-                r#"{{"batch":[{{"type":"track","event":"product_view","anonymousId":"{visitor}","messageId":"probe-{id:x}","properties":{{"product_id":"p{item}"}},"context":{{"sessionId":"{visitor}-1"}}}}]}}"#
-            );
-            let r = conn
-                .post("/v1/batch", body.as_bytes())
-                .await
-                .map_err(|e| format!("freshness probe: {e}"))?;
-            if r.status != 200 {
-                return Err(format!("freshness probe: HTTP {}", r.status));
-            }
-            let acked = Instant::now();
-            let path = format!("/v1/recommendations?anonymous_id={visitor}&k=10");
-            loop {
-                let r = conn
-                    .get(&path)
-                    .await
-                    .map_err(|e| format!("freshness probe: {e}"))?;
-                let v: serde_json::Value = serde_json::from_slice(r.body)
-                    .map_err(|e| format!("freshness probe answer: {e}"))?;
-                let reflected = v["strategy"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("session_knn"));
-                if reflected {
-                    lat.record(acked.elapsed());
-                    break;
-                }
-                if acked.elapsed() > Duration::from_secs(10) {
-                    return Err(format!(
-                        "freshness probe: the view of {visitor} was not reflected after 10 s"
-                    ));
-                }
-            }
-            // Spread the probes over time so they sample the processor in every phase.
-            tokio::time::sleep(Duration::from_micros(rng.below(5000))).await;
-        }
-        Ok::<Latencies, String>(lat)
-    })
+        ctx.runtime.block_on(freshness_probes(ctx))
     })??;
     let l = lat.summary();
     report.freshness_p50_us = Some(l.p50_us);
     report.freshness_p99_us = Some(l.p99_us);
     report.freshness_max_us = Some(l.max_us);
     progress(
-        started,
+        ctx.started,
         format!(
             "freshness under ingest: p50 {}, p99 {}, max {} ({} probes)",
             human_us(l.p50_us),
@@ -1002,6 +947,64 @@ fn freshness(ctx: &RunContext, report: &mut Report) -> Result<(), String> {
         ),
     );
     Ok(())
+}
+
+/// The probes of [`freshness`]: the time from each view's acknowledgement to the first `for_you`
+/// that reflects it.
+async fn freshness_probes(ctx: &RunContext<'_>) -> Result<Latencies, String> {
+    let RunContext {
+        addr,
+        shop,
+        plan,
+        seed,
+        ids,
+        ..
+    } = *ctx;
+    let mut rng = Rng::new(seed ^ 0xf7);
+    let mut conn = Conn::connect(addr)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let mut lat = Latencies::default();
+    for n in 0..plan.freshness_probes {
+        let visitor = format!("fresh-{seed:x}-{n}");
+        let item = rng.zipf(shop.size.items as u64);
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let body = format!(
+            r#"{{"batch":[{{"type":"track","event":"product_view","anonymousId":"{visitor}","messageId":"probe-{id:x}","properties":{{"product_id":"p{item}"}},"context":{{"sessionId":"{visitor}-1"}}}}]}}"#
+        );
+        let r = conn
+            .post("/v1/batch", body.as_bytes())
+            .await
+            .map_err(|e| format!("freshness probe: {e}"))?;
+        if r.status != 200 {
+            return Err(format!("freshness probe: HTTP {}", r.status));
+        }
+        let acked = Instant::now();
+        let path = format!("/v1/recommendations?anonymous_id={visitor}&k=10");
+        loop {
+            let r = conn
+                .get(&path)
+                .await
+                .map_err(|e| format!("freshness probe: {e}"))?;
+            let v: serde_json::Value = serde_json::from_slice(r.body)
+                .map_err(|e| format!("freshness probe answer: {e}"))?;
+            let reflected = v["strategy"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("session_knn"));
+            if reflected {
+                lat.record(acked.elapsed());
+                break;
+            }
+            if acked.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "freshness probe: the view of {visitor} was not reflected after 10 s"
+                ));
+            }
+        }
+        // Spread the probes over time so they sample the processor in every phase.
+        tokio::time::sleep(Duration::from_micros(rng.below(5000))).await;
+    }
+    Ok(lat)
 }
 
 /// Fills the log to the recovery size, kills the server (SIGKILL) and times the restart; then
