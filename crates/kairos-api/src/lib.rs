@@ -261,7 +261,23 @@ pub fn ingest_router(state: Arc<AppState>) -> Router {
     with_common_routes(routes, state)
 }
 
-/// The tracker's endpoints, which every role serves.
+/// The router of a processor replica (`kairos process`): health, readiness and metrics only. It
+/// neither takes events nor serves reads, and every other path says so.
+pub fn process_router(state: Arc<AppState>) -> Router {
+    with_common_routes(Router::new().fallback(not_found_on_process_node), state)
+}
+
+async fn not_found_on_process_node(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::new(
+        Code::RouteNotFound,
+        format!(
+            "no route for {method} {} on this node: it runs the processor role only (`kairos process`); events go to `kairos ingest` or `kairos serve`, reads to `kairos serve`",
+            uri.path()
+        ),
+    )
+}
+
+/// The tracker's endpoints, which the serve and ingest roles serve.
 fn tracker_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/batch", post(ingest::batch))

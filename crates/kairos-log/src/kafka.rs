@@ -47,16 +47,33 @@
 //!
 //! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
 //! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
-//! it, and the consumer drops a record whose id it read recently, so two copies sent at once, or
-//! by two ingest processes, are applied once. An append whose record the consumer dropped is
+//! it, and the consumer drops a record whose id it read recently from the same partition, so two
+//! copies sent at once, or by two ingest processes, are applied once. An append whose record the consumer dropped is
 //! answered as a duplicate whether the broker's delivery report or the consumer's fetch comes
 //! first (the consumer remembers its verdicts on the last `RECENT_STAMPS` records of each
 //! partition). Both windows live in memory (the producer's holds
-//! at most a million ids, the consumer's `dedup_max_entries`). After a restart the
+//! at most a million ids, the consumer's `dedup_max_entries`, split evenly among the partitions).
+//! After a restart the
 //! consumer refills its window by reading back (without applying) up to `dedup_restore_records`
 //! records per partition before the state's checkpoint, so a retry of an event from shortly
 //! before a crash is still recognised; a retry of an older one (beyond that many records of its
 //! partition) is applied again.
+//!
+//! ## Consumer groups
+//!
+//! With [`KafkaLogConfig::group`] (`kairos process`), the log also joins that consumer group on
+//! the topic, through a second consumer that only holds the membership: it is paused, and a
+//! thread polls it (heartbeats and rebalances happen in those polls) and publishes each change of
+//! the partitions it was given as an [`Assignment`]. Fetching stays with the consumer described
+//! below, which reads every partition where the processor asks, so that a replica sees every
+//! partition's catalogue entries; the processor applies only the events of its own partitions.
+//! The group's offsets are read and committed through the membership consumer
+//! ([`EventLog::committed_offsets`], [`EventLog::commit_offsets`]); Kairos commits an offset
+//! only once the state below it is stored (see `crates/kairos/src/group.rs`). A partition the
+//! processor gains is re-read from the group's committed offset after [`EventLog::rewind`],
+//! which also rebuilds that partition's dedup window from the records before it, as a restart
+//! does: each partition has a window of its own (a retry carries its event's key, so it lands
+//! in the partition of its first copy).
 //!
 //! ## Retention and reads
 //!
@@ -89,7 +106,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use crate::completion::{completion_pair, Completer, Completion};
 use crate::dedup::DedupSet;
 use crate::{
-    AppendOutcome, AppendRecord, EventLog, LogError, LogStats, Record, RetentionReport,
+    AppendOutcome, AppendRecord, Assignment, EventLog, LogError, LogStats, Record, RetentionReport,
     MAX_PAYLOAD_BYTES,
 };
 
@@ -101,7 +118,7 @@ const DEDUP_HEADER: &str = "kairos-dedup-id";
 const RECENT_STAMPS: usize = 8192;
 
 /// Ids the producer side remembers at most. It only lets a retry through this same process be
-/// answered as a duplicate at once; the consumer's window (the full `dedup_max_entries`) is what
+/// answered as a duplicate at once; the consumer's windows (`dedup_max_entries` in all) are what
 /// keeps duplicates out of the state, so a second window of the full size would only double the
 /// memory.
 const PRODUCED_IDS: usize = 1_000_000;
@@ -144,6 +161,13 @@ pub struct KafkaLogConfig {
     pub ack_timeout: Duration,
     /// Extra librdkafka properties for both clients (security.protocol, sasl.*, ssl.*, ...).
     pub properties: Vec<(String, String)>,
+    /// The consumer group this process joins to share the partitions with other processors
+    /// (`kairos process`); `None` to apply every partition (`kairos serve`). See "Consumer
+    /// groups" in the module docs.
+    pub group: Option<String>,
+    /// The group's `session.timeout.ms`: how long a member that stopped (crashed, or cut off)
+    /// keeps its partitions before the group hands them to the others.
+    pub group_session_timeout: Duration,
 }
 
 impl Default for KafkaLogConfig {
@@ -164,6 +188,8 @@ impl Default for KafkaLogConfig {
             seq_wait: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(30),
             properties: Vec::new(),
+            group: None,
+            group_session_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -178,6 +204,57 @@ pub struct KafkaLog {
     consumer: Mutex<Option<JoinHandle<()>>>,
     start_offsets: Vec<u64>,
     dedup_restore_records: u64,
+    group: Option<Group>,
+}
+
+/// This process's membership of a consumer group (see "Consumer groups" in the module docs).
+struct Group {
+    /// Subscribed to the topic, paused: it holds the membership and the group's offsets, while
+    /// the fetching consumer reads.
+    consumer: Arc<BaseConsumer>,
+    assignment: Arc<Mutex<Assignment>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// The group membership thread: polls the group's consumer (heartbeats and rebalances happen
+/// inside those polls) and publishes every change of the assignment.
+fn group_loop(
+    consumer: &BaseConsumer,
+    topic: &str,
+    assignment: &Mutex<Assignment>,
+    stopping: &AtomicBool,
+) {
+    let mut current: Option<Vec<u32>> = None;
+    while !stopping.load(Ordering::Acquire) {
+        // Records this consumer fetches before it is paused are not used: the fetching
+        // consumer reads them where the processor asks.
+        let _ = consumer.poll(Duration::from_millis(50));
+        let Ok(tpl) = consumer.assignment() else {
+            continue;
+        };
+        let mut owned: Vec<u32> = tpl
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| e.partition() as u32)
+            .collect();
+        owned.sort_unstable();
+        if current.as_ref() == Some(&owned) {
+            continue;
+        }
+        if !owned.is_empty() {
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pausing the group consumer failed");
+            }
+        }
+        let mut a = lock(assignment);
+        a.generation += 1;
+        a.partitions = owned.clone();
+        tracing::info!(partitions = ?owned, generation = a.generation, "consumer group assignment");
+        drop(a);
+        current = Some(owned);
+    }
+    consumer.unsubscribe();
 }
 
 /// What the producer's delivery callbacks and the consumer thread share with the log.
@@ -214,13 +291,13 @@ struct Fetch {
     reposition: bool,
     buffered: usize,
     committed_seq: u64,
-    /// Ids the consumer read recently.
-    dedup: DedupSet,
+    /// The dedup window's settings, for a partition's window rebuilt on [`EventLog::rewind`].
+    dedup_window_ms: i64,
+    dedup_entries_per_partition: usize,
     /// Delivered records whose sequence number is not known yet.
     waiting: HashMap<(u32, u64), Waiter>,
 }
 
-#[derive(Default)]
 struct PartitionFetch {
     /// Where the current fetch run started (`None` until the processor first reads).
     run_start: Option<u64>,
@@ -233,10 +310,22 @@ struct PartitionFetch {
     read_from: u64,
     /// Reached the end of the partition since the run started.
     at_end: bool,
+    /// The fetch run asked for (bumped by every new run and [`EventLog::rewind`]), and the run
+    /// the consumer's current assignment serves. A record polled while they differ came from
+    /// the assignment before: the consumer thread polls without the lock, so a record it fetched
+    /// for the old position can reach the lock after a read asked for a new one. Taken for the
+    /// new run, it would also hide the records before it (see `fetched_to`).
+    run: u64,
+    assigned_run: u64,
     buffer: VecDeque<Record>,
     /// The newest fetched records' verdicts, oldest first (at most `RECENT_STAMPS`), for
     /// delivery reports that arrive after the consumer fetched their record back.
     recent: VecDeque<Stamp>,
+    /// Ids the consumer read recently from this partition. A retry carries its event's key, so
+    /// it lands on the partition of its first copy: one window per partition sees every
+    /// duplicate, and a partition's window can be rebuilt on its own (see
+    /// [`EventLog::rewind`]).
+    dedup: DedupSet,
 }
 
 /// What the consumer made of the record at `offset`: applied under `seq`, or dropped as a
@@ -416,6 +505,21 @@ impl ProducerContext for Delivery {
 }
 
 impl PartitionFetch {
+    fn new(dedup: DedupSet) -> PartitionFetch {
+        PartitionFetch {
+            run_start: None,
+            warm_from: 0,
+            fetched_to: 0,
+            read_from: 0,
+            at_end: false,
+            run: 0,
+            assigned_run: 0,
+            buffer: VecDeque::new(),
+            recent: VecDeque::new(),
+            dedup,
+        }
+    }
+
     /// The outcome of the append that put a record at `offset`, if the consumer fetched it
     /// already: what the consumer made of it, as if it had settled the append itself. For a
     /// record older than the remembered stamps the verdict is gone; it is reported appended,
@@ -456,6 +560,48 @@ fn block_on<F: Future>(future: F) -> F::Output {
     }
 }
 
+/// Joins consumer group `id` on the topic and starts the membership thread.
+fn join_group(config: &KafkaLogConfig, id: &str) -> Result<Group, LogError> {
+    let session_timeout_ms = config.group_session_timeout.as_millis().max(1).to_string();
+    let consumer: BaseConsumer = client_config(
+        config,
+        &[
+            ("group.id", id),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("session.timeout.ms", &session_timeout_ms),
+            ("heartbeat.interval.ms", "1000"),
+            // Only the membership is used: fetch as little as possible before the pause.
+            ("max.partition.fetch.bytes", "1024"),
+            ("queued.max.messages.kbytes", "64"),
+        ],
+    )
+    .create()
+    .map_err(|e| broker_error("creating the Kafka group consumer", e))?;
+    consumer
+        .subscribe(&[config.topic.as_str()])
+        .map_err(|e| broker_error("joining the consumer group", e))?;
+    let consumer = Arc::new(consumer);
+    let assignment = Arc::new(Mutex::new(Assignment::default()));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let (consumer, assignment, stopping) =
+            (consumer.clone(), assignment.clone(), stopping.clone());
+        let topic = config.topic.clone();
+        std::thread::Builder::new()
+            .name("kairos-kafka-group".into())
+            .spawn(move || group_loop(&consumer, &topic, &assignment, &stopping))
+            .map_err(|e| LogError::io("starting the Kafka group thread", e))?
+    };
+    tracing::info!(group = id, "joining the consumer group");
+    Ok(Group {
+        consumer,
+        assignment,
+        thread: Mutex::new(Some(thread)),
+        stopping,
+    })
+}
+
 /// A client configuration: the brokers, then `defaults`, then the user's `properties`, which
 /// override both.
 fn client_config(config: &KafkaLogConfig, defaults: &[(&str, &str)]) -> ClientConfig {
@@ -494,13 +640,22 @@ impl KafkaLog {
         }
         let start_offsets = low_watermarks(&probe, &config.topic, partitions)?;
         drop(probe);
+        let dedup_entries_per_partition = config.dedup_max_entries.div_ceil(partitions as usize);
         let shared = Arc::new(Shared {
             fetch: Mutex::new(Fetch {
-                partitions: (0..partitions).map(|_| PartitionFetch::default()).collect(),
+                partitions: (0..partitions)
+                    .map(|_| {
+                        PartitionFetch::new(DedupSet::new(
+                            config.dedup_window_ms,
+                            dedup_entries_per_partition,
+                        ))
+                    })
+                    .collect(),
                 reposition: false,
                 buffered: 0,
                 committed_seq: config.start_seq,
-                dedup: DedupSet::new(config.dedup_window_ms, config.dedup_max_entries),
+                dedup_window_ms: config.dedup_window_ms,
+                dedup_entries_per_partition,
                 waiting: HashMap::new(),
             }),
             fetched: Condvar::new(),
@@ -579,7 +734,11 @@ impl KafkaLog {
         } else {
             None
         };
-        tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, "Kafka event log open");
+        let group = match (&config.group, config.consume) {
+            (Some(id), true) => Some(join_group(&config, id)?),
+            _ => None,
+        };
+        tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, group = ?config.group, "Kafka event log open");
         Ok(KafkaLog {
             topic: config.topic,
             transactions_topic: config.transactions_topic,
@@ -589,6 +748,7 @@ impl KafkaLog {
             consumer: Mutex::new(consumer),
             start_offsets,
             dedup_restore_records: config.dedup_restore_records,
+            group,
         })
     }
 
@@ -716,7 +876,8 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
             if fetch.reposition {
                 fetch.reposition = false;
                 let mut tpl = TopicPartitionList::new();
-                for (p, pf) in fetch.partitions.iter().enumerate() {
+                for (p, pf) in fetch.partitions.iter_mut().enumerate() {
+                    pf.assigned_run = pf.run;
                     if let Some(start) = pf.run_start {
                         let from = if pf.fetched_to > start {
                             pf.fetched_to
@@ -747,7 +908,10 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 let mut fetch = lock(&shared.fetch);
                 if let Some(pf) = fetch.partitions.get_mut(p as usize) {
-                    pf.at_end = true;
+                    // Not the end of a run asked for after the assignment that reached it.
+                    if pf.assigned_run == pf.run {
+                        pf.at_end = true;
+                    }
                 }
                 drop(fetch);
                 shared.fetched.notify_all();
@@ -781,16 +945,19 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                     partitions,
                     buffered,
                     committed_seq,
-                    dedup,
                     waiting,
                     ..
                 } = &mut *fetch;
                 let Some(pf) = partitions.get_mut(partition as usize) else {
                     continue;
                 };
+                let dedup = &mut pf.dedup;
                 let Some(run_start) = pf.run_start else {
                     continue;
                 };
+                if pf.assigned_run != pf.run {
+                    continue;
+                }
                 if offset < run_start {
                     // Read back only to refill the dedup window.
                     if dedup_id != 0 && !dedup.is_duplicate(dedup_id) {
@@ -992,6 +1159,7 @@ impl EventLog for KafkaLog {
         if !continues {
             *buffered -= pf.buffer.len();
             pf.buffer.clear();
+            pf.run += 1;
             pf.run_start = Some(from_offset);
             pf.fetched_to = from_offset;
             pf.read_from = from_offset;
@@ -1079,6 +1247,76 @@ impl EventLog for KafkaLog {
         })
     }
 
+    fn assignment(&self) -> Option<Assignment> {
+        self.group.as_ref().map(|g| lock(&g.assignment).clone())
+    }
+
+    fn committed_offsets(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, LogError> {
+        let Some(group) = &self.group else {
+            return Ok(vec![None; partitions.len()]);
+        };
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p as i32);
+        }
+        let committed = group
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map_err(|e| broker_error("reading the group's committed offsets", e))?;
+        Ok(partitions
+            .iter()
+            .map(|&p| {
+                committed
+                    .find_partition(&self.topic, p as i32)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) if o >= 0 => Some(o as u64),
+                        _ => None,
+                    })
+            })
+            .collect())
+    }
+
+    fn commit_offsets(&self, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &(p, o) in offsets {
+            tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(o as i64))
+                .map_err(|e| broker_error("committing offsets", e))?;
+        }
+        group
+            .consumer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+            .map_err(|e| broker_error("committing the group's offsets", e))
+    }
+
+    fn rewind(&self, partition: u32) -> Result<(), LogError> {
+        if partition >= self.partitions {
+            return Err(LogError::InvalidPartition {
+                partition,
+                partitions: self.partitions,
+            });
+        }
+        let mut fetch = lock(&self.shared.fetch);
+        let (window_ms, entries) = (fetch.dedup_window_ms, fetch.dedup_entries_per_partition);
+        let pf = &mut fetch.partitions[partition as usize];
+        let dropped = pf.buffer.len();
+        pf.buffer.clear();
+        pf.run_start = None;
+        pf.run += 1;
+        pf.at_end = false;
+        pf.dedup = DedupSet::new(window_ms, entries);
+        fetch.buffered -= dropped;
+        fetch.reposition = true;
+        drop(fetch);
+        self.shared.consumed.notify_all();
+        Ok(())
+    }
+
     fn close(&self) -> Result<(), LogError> {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -1088,6 +1326,12 @@ impl EventLog for KafkaLog {
         self.shared.consumed.notify_all();
         if let Some(h) = lock(&self.consumer).take() {
             let _ = h.join();
+        }
+        if let Some(group) = &self.group {
+            group.stopping.store(true, Ordering::Release);
+            if let Some(h) = lock(&group.thread).take() {
+                let _ = h.join();
+            }
         }
         // Appends still waiting for their records to come back were acknowledged by the broker.
         settle_overdue(&mut lock(&self.shared.fetch), Duration::ZERO);
@@ -1115,7 +1359,7 @@ mod tests {
                     duplicate,
                 })
                 .collect(),
-            ..PartitionFetch::default()
+            ..PartitionFetch::new(DedupSet::new(0, 0))
         }
     }
 

@@ -198,6 +198,44 @@ pub trait EventLog: Send + Sync + 'static {
     /// Further appends fail with [`LogError::Closed`]; reads keep working.
     /// Calling it again is a no-op.
     fn close(&self) -> Result<(), LogError>;
+
+    /// The partitions whose events this process applies, when several processes share the
+    /// log's partitions (a Kafka consumer group, `kairos process`); `None` when this process
+    /// applies every partition.
+    fn assignment(&self) -> Option<Assignment> {
+        None
+    }
+
+    /// The group's committed offsets (the next offset to apply) of `partitions`, in order;
+    /// `None` for a partition the group never committed.
+    fn committed_offsets(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, LogError> {
+        Ok(vec![None; partitions.len()])
+    }
+
+    /// Records for the group that everything of each `(partition, offset)` pair's partition
+    /// below `offset` is applied and stored. A no-op outside a group.
+    fn commit_offsets(&self, _offsets: &[(u32, u64)]) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    /// Forgets where `partition` is being read, so that the next read may start anywhere, below
+    /// earlier reads too, as after a restart: a processor that takes a partition over re-reads
+    /// it from the group's committed offset. The dedup window of the partition is rebuilt from
+    /// the records before the new position, as after a restart.
+    fn rewind(&self, partition: u32) -> Result<(), LogError> {
+        Err(LogError::InvalidArgument(format!(
+            "this log cannot rewind partition {partition}"
+        )))
+    }
+}
+
+/// A process's share of the partitions in a consumer group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// Increases with every change of the assignment.
+    pub generation: u64,
+    /// The partitions owned, ascending.
+    pub partitions: Vec<u32>,
 }
 
 /// A record to append.

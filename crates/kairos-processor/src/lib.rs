@@ -104,6 +104,9 @@ pub struct ProcessorMetrics {
     /// 1 while a snapshot is being written: with `snapshots`, tells whether one overlapped a
     /// time window (a benchmark's measurement, a latency spike on a dashboard).
     pub snapshot_running: Arc<Gauge>,
+    /// Partitions this processor owns in its consumer group (`kairos process`).
+    pub partitions_owned: Arc<Gauge>,
+    pub rebalances: Arc<Counter>,
 }
 
 impl ProcessorMetrics {
@@ -133,6 +136,16 @@ impl ProcessorMetrics {
             snapshot_running: registry.gauge(
                 "kairos_snapshot_running",
                 "1 while a state snapshot is being written, else 0.",
+                &[],
+            ),
+            partitions_owned: registry.gauge(
+                "kairos_group_partitions_owned",
+                "Partitions this processor applies in its consumer group (kairos process; 0 elsewhere).",
+                &[],
+            ),
+            rebalances: registry.counter(
+                "kairos_group_rebalances_total",
+                "Changes of this processor's partitions taken up (kairos process).",
                 &[],
             ),
         }
@@ -175,6 +188,42 @@ fn decode_records(
 /// refreshing derived caches off the request path.
 pub type Maintenance = Box<dyn Fn(&kairos_state::State) + Send>;
 
+/// What a processor that shares the log's partitions with other processors (a consumer group,
+/// `kairos process`) needs beside the log: which events to apply, and what to forget when the
+/// group moves partitions. Its state is not its own: profiles live in a store every processor
+/// reads (Redis), fenced by log position, so the processor takes no snapshots.
+pub trait Partitioning: Send {
+    /// Removes from `entries` (decoded, in log order) the events this processor must not
+    /// apply: those of partitions it does not own (`owned[partition]` is false), and those the
+    /// stored state already reflects. Catalogue entries are applied by every processor. May
+    /// load stored profiles into the state first.
+    fn admit(
+        &mut self,
+        entries: &mut Vec<(LogPosition, LogEntry)>,
+        owned: &[bool],
+    ) -> Result<(), String>;
+
+    /// The group moved partitions (assignment `generation`): the processor now also owns
+    /// `gained` (partition, offset it resumes from) and no longer owns `released`. Profiles held
+    /// for either may have changed elsewhere meanwhile, and the state's checkpoint of each gained
+    /// partition goes back to where it resumes.
+    fn reassigned(
+        &mut self,
+        generation: u64,
+        gained: &[(u32, u64)],
+        released: &[u32],
+    ) -> Result<(), String>;
+}
+
+/// A processor's share of the partitions (see [`Partitioning`]).
+struct Share {
+    partitioning: std::sync::Mutex<Box<dyn Partitioning>>,
+    /// Owned partitions, by index.
+    owned: Vec<bool>,
+    /// The assignment generation `owned` reflects.
+    generation: u64,
+}
+
 /// Reads the log in global order and applies it to the state.
 pub struct Processor {
     log: Arc<dyn EventLog>,
@@ -192,6 +241,7 @@ pub struct Processor {
     /// The snapshot being written in the background, and when it was started.
     snapshot_job: Option<(SnapshotJob, Instant)>,
     maintenance: Option<Maintenance>,
+    share: Option<Share>,
 }
 
 impl Processor {
@@ -229,7 +279,78 @@ impl Processor {
             entries: Vec::new(),
             snapshot_job: None,
             maintenance: None,
+            share: None,
         }
+    }
+
+    /// Makes this processor one of a group sharing the log's partitions (see [`Partitioning`]).
+    /// It owns nothing until the log reports an assignment.
+    pub fn set_partitioning(&mut self, partitioning: Box<dyn Partitioning>) {
+        self.share = Some(Share {
+            partitioning: std::sync::Mutex::new(partitioning),
+            owned: vec![false; self.log.partition_count() as usize],
+            generation: 0,
+        });
+    }
+
+    /// Takes up a change of the group's assignment: partitions gained are re-read from the
+    /// group's committed offsets (or the start of the partition), whatever this processor read
+    /// of them while another owned them.
+    fn follow_assignment(&mut self) -> Result<(), String> {
+        let Some(share) = &mut self.share else {
+            return Ok(());
+        };
+        let Some(assignment) = self.log.assignment() else {
+            return Ok(());
+        };
+        if assignment.generation == share.generation {
+            return Ok(());
+        }
+        let mut owned = vec![false; share.owned.len()];
+        for &p in &assignment.partitions {
+            if let Some(o) = owned.get_mut(p as usize) {
+                *o = true;
+            }
+        }
+        let gained: Vec<u32> = (0..owned.len() as u32)
+            .filter(|&p| owned[p as usize] && !share.owned[p as usize])
+            .collect();
+        let released: Vec<u32> = (0..owned.len() as u32)
+            .filter(|&p| !owned[p as usize] && share.owned[p as usize])
+            .collect();
+        let committed = match self.log.committed_offsets(&gained) {
+            Ok(committed) => committed,
+            Err(e) => {
+                // A group in the middle of a rebalance may not answer: keep the partitions as
+                // they were (applying one another replica now owns as well only repeats its
+                // writes, which the fences make harmless) and try again next round.
+                tracing::warn!(error = %e, "reading the group's committed offsets failed; retrying");
+                return Ok(());
+            }
+        };
+        let starts = self.log.start_offsets();
+        let mut resume = Vec::with_capacity(gained.len());
+        for (&p, committed) in gained.iter().zip(committed) {
+            let from = committed.unwrap_or(0).max(starts[p as usize]);
+            self.log
+                .rewind(p)
+                .map_err(|e| format!("rewinding partition {p}: {e}"))?;
+            self.offsets[p as usize] = from;
+            resume.push((p, from));
+        }
+        share
+            .partitioning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reassigned(assignment.generation, &resume, &released)?;
+        tracing::info!(generation = assignment.generation, gained = ?resume, released = ?released, "partitions reassigned");
+        share.owned = owned;
+        share.generation = assignment.generation;
+        self.metrics
+            .partitions_owned
+            .set(assignment.partitions.len() as i64);
+        self.metrics.rebalances.inc();
+        Ok(())
     }
 
     /// Runs `work` on the state after every round that applied something, once live (not while
@@ -258,6 +379,7 @@ impl Processor {
 
     /// One round: reads what is committed, applies it in sequence order. Returns entries applied.
     pub fn step(&mut self) -> Result<u64, String> {
+        self.follow_assignment()?;
         let committed = self.log.committed_seq();
         let mut records = std::mem::take(&mut self.records);
         let mut entries = std::mem::take(&mut self.entries);
@@ -290,10 +412,13 @@ impl Processor {
         } else {
             None
         };
-        let applied = pipelined.unwrap_or_else(|| {
-            decode_records(&records, &mut entries, &self.metrics);
-            self.apply_decoded(&entries)
-        });
+        let applied = match pipelined {
+            Some(applied) => applied?,
+            None => {
+                decode_records(&records, &mut entries, &self.metrics);
+                self.apply_decoded(&mut entries)?
+            }
+        };
         for r in &records {
             self.offsets[r.partition as usize] = r.offset + 1;
         }
@@ -311,7 +436,14 @@ impl Processor {
 
     /// Applies decoded entries in chunks: each takes the state's write lock once, so reads wait
     /// at most one chunk, and the watermark advances chunk by chunk for the reads waiting on it.
-    fn apply_decoded(&self, entries: &[(LogPosition, LogEntry)]) -> usize {
+    fn apply_decoded(&self, entries: &mut Vec<(LogPosition, LogEntry)>) -> Result<usize, String> {
+        if let Some(share) = &self.share {
+            share
+                .partitioning
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(entries, &share.owned)?;
+        }
         let mut applied = 0;
         for chunk in entries.chunks(APPLY_CHUNK) {
             applied += self.store.apply(chunk).applied;
@@ -327,7 +459,7 @@ impl Processor {
                     .observe_us(((now - e.received_at).max(0) as u64) * 1000);
             }
         }
-        applied
+        Ok(applied)
     }
 
     /// Decodes `records` on a second thread while this one applies what is already decoded, in
@@ -336,7 +468,7 @@ impl Processor {
     /// go back to the decoding thread to be freed there, where they were allocated: freeing is a
     /// good part of decoding's cost, and glibc frees fastest into the allocating thread's arena.
     /// `None` (nothing decoded or applied) when no thread could be started.
-    fn decode_and_apply_pipelined(&self, records: &[Record]) -> Option<usize> {
+    fn decode_and_apply_pipelined(&self, records: &[Record]) -> Option<Result<usize, String>> {
         type Decoded = Vec<(LogPosition, LogEntry)>;
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Decoded>(4);
@@ -367,14 +499,18 @@ impl Processor {
             match decoder {
                 Ok(_) => {
                     let mut applied = 0;
-                    for decoded in rx {
-                        applied += self.apply_decoded(&decoded);
+                    for mut decoded in rx {
+                        match self.apply_decoded(&mut decoded) {
+                            Ok(n) => applied += n,
+                            // Dropping the receiver stops the decoding thread.
+                            Err(e) => return Some(Err(e)),
+                        }
                         // The decoding thread outlives this loop: a failed send only means it
                         // panicked, and then the entries are freed here.
                         let _ = back_tx.send(decoded);
                     }
                     drop(back_tx);
-                    Some(applied)
+                    Some(Ok(applied))
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "no thread to decode on: decoding on the processor thread");
@@ -444,7 +580,7 @@ impl Processor {
     }
 
     fn snapshot_due(&self) -> bool {
-        if self.since_snapshot == 0 || self.snapshot_job.is_some() {
+        if self.since_snapshot == 0 || self.snapshot_job.is_some() || self.share.is_some() {
             return false;
         }
         let by_time = self.config.snapshot_interval_secs > 0
@@ -476,7 +612,7 @@ impl Processor {
         }
         self.finish_snapshot(true);
         self.catch_up()?;
-        if self.since_snapshot > 0 {
+        if self.since_snapshot > 0 && self.share.is_none() {
             self.snapshot()?;
         }
         Ok(())

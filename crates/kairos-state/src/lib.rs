@@ -22,7 +22,9 @@ pub mod state;
 pub mod store;
 
 pub use config::{EventWeights, RedisSettings, StateConfig};
-pub use state::{anonymous_key, user_key, Applied, Checkpoint, LogPosition, State, StateMemory};
+pub use state::{
+    anonymous_key, user_key, Applied, Checkpoint, GroupView, LogPosition, State, StateMemory,
+};
 pub use store::{
     ApplyReport, EmbeddedStore, SnapshotInfo, SnapshotJob, StateError, StateStats, StateStore,
 };

@@ -287,6 +287,38 @@ impl Profiles {
         &mut self.slots[slot as usize]
     }
 
+    /// Puts `profile` under `key` as read from a store elsewhere (Redis): not a change to copy
+    /// back there.
+    pub fn load(&mut self, key: &str, profile: Profile) {
+        let slot = match self.index.get(key) {
+            Some(&i) => i,
+            None => {
+                let i = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.slots.push(Profile::default());
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.index.insert(key.into(), i);
+                i
+            }
+        };
+        self.slots[slot as usize] = profile;
+    }
+
+    /// Drops the profile of `key` from memory, changes not yet copied included: it lives on in
+    /// a store elsewhere (a processor that no longer owns the key's partition).
+    pub fn forget(&mut self, key: &str) {
+        if let Some(i) = self.index.remove(key) {
+            self.free.push(i);
+            self.slots[i as usize] = Profile::default();
+        }
+        if let Some(changed) = &mut self.changed {
+            changed.remove(key);
+        }
+    }
+
     /// Removes and returns the profile of `key`.
     pub fn remove(&mut self, key: &str) -> Option<Profile> {
         let i = self.index.remove(key)?;

@@ -99,13 +99,26 @@ pub struct RedisProfiles {
     conn: Option<Connection>,
     /// [`WRITE_SCRIPT`] with its SHA-1, computed once for every EVALSHA.
     script: redis::Script,
+    /// In a processor group: the partition of a profile key (see [`RedisProfiles::owned_by`]).
+    owner: Option<PartitionOf>,
 }
 
+/// The log partition a profile key's events are in (`kairos process`).
+pub type PartitionOf = Arc<dyn Fn(&str) -> u32 + Send + Sync>;
+
 /// Writes a profile unless Redis holds one at a checkpoint this one does not dominate; publishes
-/// the key. Returns 1 when written, 0 when refused as not newer.
+/// the key. Returns 1 when written, 0 when refused as not newer. With a partition (ARGV[5], 1 +
+/// the index; 0 for none), only that partition's offset is compared: in a processor group only
+/// the events of the partition of the profile's key change it (see `GroupView` in the state).
 const WRITE_SCRIPT: &str = r"
 local old = redis.call('HGET', KEYS[1], 'f')
-if old then
+local part = tonumber(ARGV[5])
+if old and part > 0 then
+  local stored, new = {}, {}
+  for o in string.gmatch(old, '[^,]+') do stored[#stored + 1] = tonumber(o) end
+  for o in string.gmatch(ARGV[2], '[^,]+') do new[#new + 1] = tonumber(o) end
+  if (new[part] or 0) <= (stored[part] or 0) then return 0 end
+elseif old then
   local stored = {}
   for o in string.gmatch(old, '[^,]+') do stored[#stored + 1] = tonumber(o) end
   local ahead = false
@@ -144,7 +157,15 @@ impl RedisProfiles {
             settings,
             conn: None,
             script: redis::Script::new(WRITE_SCRIPT),
+            owner: None,
         })
+    }
+
+    /// Fences every profile by the offset of one partition, `partition_of` its key, instead of
+    /// the whole checkpoint: the layout of a processor group (`kairos process`).
+    pub fn owned_by(mut self, partition_of: PartitionOf) -> RedisProfiles {
+        self.owner = Some(partition_of);
+        self
     }
 
     /// The Redis key of profile `key`.
@@ -226,9 +247,12 @@ impl RedisProfiles {
         }
         let fence = fence(offsets);
         let channel = self.channel();
-        let docs: Vec<(String, Vec<u8>)> = profiles
+        let docs: Vec<(String, Vec<u8>, u32)> = profiles
             .iter()
-            .map(|(key, stored)| (self.key(key), stored.encode()))
+            .map(|(key, stored)| {
+                let part = self.owner.as_ref().map_or(0, |of| of(key) + 1);
+                (self.key(key), stored.encode(), part)
+            })
             .collect();
         // EVALSHA sends the script's hash instead of its text. A node that does not have the
         // script yet (restarted, or a new cluster node) answers NOSCRIPT; the batch then goes
@@ -238,7 +262,7 @@ impl RedisProfiles {
         let ttl = self.settings.profile_ttl_secs;
         let commands = |by_hash: bool| -> Vec<Cmd> {
             docs.iter()
-                .map(|(key, doc)| {
+                .map(|(key, doc, part)| {
                     let mut cmd = if by_hash {
                         let mut c = redis::cmd("EVALSHA");
                         c.arg(&hash);
@@ -253,7 +277,8 @@ impl RedisProfiles {
                         .arg(doc)
                         .arg(&fence)
                         .arg(ttl)
-                        .arg(&channel);
+                        .arg(&channel)
+                        .arg(part);
                     cmd
                 })
                 .collect()
@@ -291,6 +316,80 @@ impl RedisProfiles {
             .filter_map(|o| o.parse().ok())
             .collect();
         Ok(StoredProfile::decode(doc).map(|p| (p, offsets)))
+    }
+
+    /// What Redis holds for each of `profile_keys`, in one pipelined round trip: the profile
+    /// and the offset of partition `partition_of(key)` it reflects (0 when it reflects none).
+    /// Keys without a profile (absent, or a link only) give `None`.
+    pub fn load(
+        &mut self,
+        profile_keys: &[&str],
+        partition_of: &dyn Fn(&str) -> u32,
+    ) -> RedisResult<Vec<Option<(StoredProfile, u64)>>> {
+        if profile_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cmds = profile_keys
+            .iter()
+            .map(|k| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(self.key(k)).arg("d").arg("f");
+                cmd
+            })
+            .collect();
+        let values = self.run(cmds)?;
+        Ok(values
+            .into_iter()
+            .zip(profile_keys)
+            .map(|(v, key)| {
+                let Value::Array(fields) = v else {
+                    return None;
+                };
+                let (Some(Value::BulkString(doc)), Some(Value::BulkString(f))) =
+                    (fields.first(), fields.get(1))
+                else {
+                    return None;
+                };
+                let offset = String::from_utf8_lossy(f)
+                    .split(',')
+                    .nth(partition_of(key) as usize)
+                    .and_then(|o| o.parse().ok())
+                    .unwrap_or(0);
+                StoredProfile::decode(doc).map(|p| (p, offset))
+            })
+            .collect())
+    }
+
+    /// Records identity links (`l` of the linked key: the key it joined), each in the linked
+    /// key's own hash, so that no write spans two profiles' slots.
+    pub fn write_links(&mut self, links: &[(Box<str>, Box<str>)]) -> RedisResult<()> {
+        if links.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.settings.profile_ttl_secs;
+        let mut cmds = Vec::with_capacity(links.len() * 2);
+        for (from, to) in links {
+            let key = self.key(from);
+            let mut set = redis::cmd("HSET");
+            set.arg(&key).arg("l").arg(to.as_ref());
+            cmds.push(set);
+            if ttl > 0 {
+                let mut expire = redis::cmd("EXPIRE");
+                expire.arg(&key).arg(ttl);
+                cmds.push(expire);
+            }
+        }
+        self.run(cmds).map(drop)
+    }
+
+    /// The key `profile_key` was linked to (its `l` field), if any.
+    pub fn link_of(&mut self, profile_key: &str) -> RedisResult<Option<String>> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(self.key(profile_key)).arg("l");
+        Ok(match self.run(vec![cmd])?.pop() {
+            Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
+            _ => None,
+        })
     }
 
     /// Whether Redis holds the mirror's marker (see the module docs).
@@ -378,6 +477,12 @@ impl MirrorMetrics {
     }
 }
 
+/// Called after every flush that wrote everything it took, with the group generation and the
+/// state's checkpoint at the time it took them (every entry below that checkpoint is in Redis),
+/// and whether it is the last flush before the mirror stops. A processor group commits its
+/// offsets there (see `kairos process`).
+pub type OnDurable = Box<dyn FnMut(u64, &[u64], bool) + Send>;
+
 /// Writes the profiles `store` changes to Redis until `stop` is set, then once more, so that a
 /// clean shutdown leaves Redis current. Returns whether it did: every change written and the
 /// marker in place (see [`SYNCED_FILE`]).
@@ -386,6 +491,7 @@ pub fn run_mirror(
     store: Arc<EmbeddedStore>,
     metrics: MirrorMetrics,
     stop: Arc<AtomicBool>,
+    mut on_durable: Option<OnDurable>,
 ) -> bool {
     let interval = Duration::from_millis(redis.settings.flush_interval_ms.max(1));
     let mut last_check: Option<Instant> = None;
@@ -419,6 +525,9 @@ pub fn run_mirror(
             }
         }
         let flushed = flush(&mut redis, &store, &metrics);
+        if let (Ok(f), Some(durable)) = (&flushed, &mut on_durable) {
+            durable(f.generation, &f.offsets, stopping);
+        }
         if stopping {
             let synced = flushed.is_ok() && !resync_pending;
             if let Err(e) = &flushed {
@@ -430,7 +539,7 @@ pub fn run_mirror(
             return synced;
         }
         match flushed {
-            Ok(sampled) => {
+            Ok(Flushed { sampled, .. }) => {
                 backoff = Duration::ZERO;
                 metrics.up.set(1);
                 if resync_pending {
@@ -477,14 +586,31 @@ fn fail(metrics: &MirrorMetrics, backoff: &mut Duration, e: &redis::RedisError) 
     *backoff = (*backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
 }
 
-/// Writes every profile changed since the last flush; returns a key written, for sampling.
+/// What one flush wrote.
+struct Flushed {
+    /// A key written, for sampling its size.
+    sampled: Option<String>,
+    /// Every entry below this checkpoint is in Redis (see [`OnDurable`]).
+    offsets: Vec<u64>,
+    generation: u64,
+}
+
+/// Writes every profile (and identity link) changed since the last flush.
 fn flush(
     redis: &mut RedisProfiles,
     store: &EmbeddedStore,
     metrics: &MirrorMetrics,
-) -> RedisResult<Option<String>> {
-    let keys: Vec<Box<str>> = store.take_profile_changes().into_iter().collect();
+) -> RedisResult<Flushed> {
+    let taken = store.take_for_mirror();
+    let keys: Vec<Box<str>> = taken.keys.into_iter().collect();
     metrics.pending.set(keys.len() as i64);
+    // Links first: a profile written with the checkpoint of the event that linked it must not
+    // be in Redis without the link, which a replay from there would not make again.
+    if let Err(e) = redis.write_links(&taken.links) {
+        store.requeue_links(taken.links);
+        store.mark_profiles_changed_again(keys);
+        return Err(e);
+    }
     let batch = redis.settings.batch.max(1);
     let mut sampled = None;
     for (n, chunk) in keys.chunks(batch).enumerate() {
@@ -512,7 +638,11 @@ fn flush(
             }
         }
     }
-    Ok(sampled)
+    Ok(Flushed {
+        sampled,
+        offsets: taken.offsets,
+        generation: taken.generation,
+    })
 }
 
 #[cfg(test)]

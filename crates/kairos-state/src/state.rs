@@ -134,6 +134,30 @@ pub struct State {
     pub counters: StateCounters,
     #[serde(skip)]
     pub caches: Caches,
+    /// Set in a processor replica that shares the log's partitions with others (`kairos
+    /// process`); see [`GroupView`].
+    #[serde(skip)]
+    pub group: Option<GroupView>,
+}
+
+/// How a state in a processor replica differs (`kairos process`, a Kafka consumer group).
+///
+/// Each replica applies the events of the partitions the group gives it, and its profiles live
+/// in Redis, where another replica picks them up when a partition moves. For that to be exact,
+/// every profile has one writer: the replica owning the partition of its key (a `u:` profile's
+/// user id, an `a:` profile's anonymous id). So identities are not merged here as they are on a
+/// single node, which would have one partition's replica change a profile of another's:
+/// - an event carrying a user id and an anonymous id (or an alias) applies to the user's profile
+///   and records the link in [`GroupView::new_links`], for Redis (the anonymous key's `l`
+///   field), where readers follow and merge;
+/// - an event carrying only an anonymous id applies to the anonymous profile, linked or not.
+#[derive(Debug, Default)]
+pub struct GroupView {
+    /// Links made since the last write to Redis: (anonymous or earlier user key, user key).
+    pub new_links: Vec<(Box<str>, Box<str>)>,
+    /// The group assignment the checkpoint's owned partitions were last reset for: offsets taken
+    /// with another generation may be stale and are not committed.
+    pub generation: u64,
 }
 
 /// Result of applying one entry.
@@ -182,6 +206,7 @@ impl State {
             clock: 0,
             counters: StateCounters::default(),
             caches: Caches::default(),
+            group: None,
         }
     }
 
@@ -220,6 +245,9 @@ impl State {
             return Some(user_key(u));
         }
         let a = anonymous_key(anonymous_id?);
+        if self.group.is_some() {
+            return Some(a);
+        }
         Some(match self.links.get(a.as_str()) {
             Some(u) => u.to_string(),
             None => a,
@@ -281,6 +309,11 @@ impl State {
     /// Merges the anonymous profile `anon` (an `a:` key) into `user` (a `u:` key), once.
     fn link(&mut self, anon: String, user: &str) {
         if anon == user || self.links.contains_key(anon.as_str()) {
+            return;
+        }
+        if let Some(group) = &mut self.group {
+            group.new_links.push((anon.as_str().into(), user.into()));
+            self.links.insert(anon.into(), user.into());
             return;
         }
         self.links.insert(anon.clone().into(), user.into());

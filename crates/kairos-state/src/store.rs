@@ -98,6 +98,15 @@ pub trait StateStore: Send + Sync + 'static {
     fn stats(&self) -> StateStats;
 }
 
+/// See [`EmbeddedStore::take_for_mirror`].
+#[derive(Debug, Default)]
+pub struct MirrorTake {
+    pub keys: rustc_hash::FxHashSet<Box<str>>,
+    pub links: Vec<(Box<str>, Box<str>)>,
+    pub offsets: Vec<u64>,
+    pub generation: u64,
+}
+
 /// In-memory state with snapshot files under `<data_dir>/state`.
 pub struct EmbeddedStore {
     dir: PathBuf,
@@ -148,9 +157,28 @@ impl EmbeddedStore {
         self.write().users.track_changes(true);
     }
 
-    /// The profile keys changed since the last call (a brief write lock to swap the set out).
-    pub fn take_profile_changes(&self) -> rustc_hash::FxHashSet<Box<str>> {
-        self.write().users.take_changes()
+    /// What a mirror copies next, taken at once under one write lock: the profile keys changed
+    /// and the identity links made since the last call, and the checkpoint (with its group
+    /// generation) below which every change is among them.
+    pub fn take_for_mirror(&self) -> MirrorTake {
+        let mut state = self.write();
+        let (links, generation) = match &mut state.group {
+            Some(g) => (std::mem::take(&mut g.new_links), g.generation),
+            None => (Vec::new(), 0),
+        };
+        MirrorTake {
+            keys: state.users.take_changes(),
+            links,
+            offsets: state.checkpoint.offsets.clone(),
+            generation,
+        }
+    }
+
+    /// Puts back links a mirror took and could not copy.
+    pub fn requeue_links(&self, links: Vec<(Box<str>, Box<str>)>) {
+        if let Some(g) = &mut self.write().group {
+            g.new_links.extend(links);
+        }
     }
 
     /// Marks `keys` changed again, after a failed copy.

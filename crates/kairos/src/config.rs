@@ -60,6 +60,8 @@ pub struct KafkaConfig {
     pub ack_timeout_ms: u64,
     pub max_buffered_records: usize,
     pub client: std::collections::BTreeMap<String, String>,
+    pub group: String,
+    pub group_session_timeout_ms: u64,
 }
 
 /// The event log backend, chosen by the `log` setting.
@@ -154,6 +156,10 @@ impl Config {
             max_buffered_records: c.max_buffered_records.max(1),
             ack_timeout: std::time::Duration::from_millis(c.ack_timeout_ms.max(1)),
             properties: c.client.clone().into_iter().collect(),
+            group: None,
+            group_session_timeout: std::time::Duration::from_millis(
+                c.group_session_timeout_ms.max(1),
+            ),
             ..kairos_log::KafkaLogConfig::default()
         })
     }

@@ -7,5 +7,7 @@ pub mod config;
 pub mod datasets;
 pub mod demo;
 pub mod eval;
+#[cfg(feature = "redis")]
+pub mod group;
 pub mod node;
 pub mod serve;

@@ -33,6 +33,11 @@ enum Command {
     /// topic (--log kafka://HOST:PORT) that a `kairos serve` on the same topic processes.
     /// Stateless: run as many as the traffic needs.
     Ingest(ServeArgs),
+    /// Run one processor replica: a member of the Kafka consumer group `kafka.group` that
+    /// applies the events of the partitions the group gives it, with the profiles in Redis
+    /// (--log kafka://HOST:PORT --state redis://HOST:PORT). Serves health and metrics only. Run
+    /// as many as the topic has partitions; a crashed one's partitions move to the others.
+    Process(ServeArgs),
     /// Print the effective configuration (defaults, file, KAIROS_* variables) as TOML.
     Config {
         /// Print the commented built-in defaults instead.
@@ -245,6 +250,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => run_node(cli.config.as_deref(), args, Role::All),
         Command::Ingest(args) => run_node(cli.config.as_deref(), args, Role::Ingest),
+        Command::Process(args) => run_node(cli.config.as_deref(), args, Role::Process),
         Command::Eval(cmd) => run_eval(cli.config.as_deref(), &cmd),
         Command::Bench(args) => {
             let options = kairos::bench::BenchOptions {

@@ -27,6 +27,9 @@ pub enum Role {
     /// Only the ingest API, appending to a shared (Kafka) log that other nodes process
     /// (`kairos ingest`): stateless, so any number of them can run side by side.
     Ingest,
+    /// One processor replica of a consumer group sharing a Kafka log's partitions, the profiles
+    /// in Redis (`kairos process`, see [`crate::group`]): any number side by side.
+    Process,
 }
 
 pub struct Node {
@@ -53,6 +56,9 @@ impl Node {
         if role == Role::Ingest {
             return Self::start_ingest(config);
         }
+        if role == Role::Process {
+            return Self::start_process(config);
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("creating data dir {}: {e}", config.data_dir.display()))?;
         let registry = Arc::new(Registry::default());
@@ -66,7 +72,13 @@ impl Node {
         let mirror = match config.state_backend()? {
             StateBackend::Embedded => None,
             #[cfg(feature = "redis")]
-            StateBackend::Redis { url } => Some(start_mirror(config, &url, &embedded, &registry)?),
+            StateBackend::Redis { url } => {
+                let redis =
+                    kairos_state::redis_mirror::RedisProfiles::new(&url, config.redis.clone())?;
+                Some(start_mirror(
+                    config, &url, redis, &embedded, &registry, None,
+                )?)
+            }
             #[cfg(not(feature = "redis"))]
             StateBackend::Redis { .. } => unreachable!("rejected by Config::state_backend"),
         };
@@ -94,7 +106,7 @@ impl Node {
             #[cfg(feature = "kafka")]
             LogBackend::Kafka { brokers } => {
                 // Sequence numbers are stamped locally; they continue from the state's.
-                open_kafka_log(config, &brokers, store.checkpoint().seq, true)?
+                open_kafka_log(config, &brokers, store.checkpoint().seq, true, None)?
             }
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
@@ -192,7 +204,7 @@ impl Node {
         match config.log_backend()? {
             LogBackend::Embedded => Err("the ingest role appends to a log other nodes process: it needs log = \"kafka://HOST:PORT\" (`kairos serve` runs everything on the embedded log)".into()),
             #[cfg(feature = "kafka")]
-            LogBackend::Kafka { brokers } => open_kafka_log(config, &brokers, 0, false),
+            LogBackend::Kafka { brokers } => open_kafka_log(config, &brokers, 0, false, None),
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
         }
@@ -202,7 +214,108 @@ impl Node {
         match self.role {
             Role::All => kairos_api::router(self.app.clone()),
             Role::Ingest => kairos_api::ingest_router(self.app.clone()),
+            Role::Process => kairos_api::process_router(self.app.clone()),
         }
+    }
+
+    /// A processor replica: a Kafka log read as a member of the consumer group
+    /// `kafka.group`, a state in memory holding the profiles of the partitions it owns, loaded
+    /// from and written to Redis (see [`crate::group`]). No snapshots: Redis and the group's
+    /// committed offsets are what survives it.
+    #[cfg(all(feature = "kafka", feature = "redis"))]
+    fn start_process(config: &Config) -> Result<Node, String> {
+        use crate::group::{commit_durable, partition_of, RedisPartitioning};
+        use kairos_state::redis_mirror::RedisProfiles;
+        let need = "the process role shares a Kafka log's partitions and keeps the profiles in Redis: it needs log = \"kafka://HOST:PORT\" and state = \"redis://HOST:PORT\" (or redis-cluster://…)";
+        let LogBackend::Kafka { brokers } = config.log_backend()? else {
+            return Err(need.into());
+        };
+        let StateBackend::Redis { url } = config.state_backend()? else {
+            return Err(need.into());
+        };
+        if config.kafka.group.is_empty() {
+            return Err(
+                "kafka.group (the consumer group of the processor replicas) is empty".into(),
+            );
+        }
+        // Nothing goes to the data directory: the profiles are in Redis, the positions in the
+        // group's committed offsets.
+        let registry = Arc::new(Registry::default());
+        let embedded = Arc::new(EmbeddedStore::in_memory(config.model.clone()));
+        let log = open_kafka_log(config, &brokers, 0, true, Some(&config.kafka.group))?;
+        let partitions = log.partition_count();
+        let owner: kairos_state::redis_mirror::PartitionOf =
+            Arc::new(move |key: &str| partition_of(key, partitions));
+        let stop = Arc::new(AtomicBool::new(false));
+        let partitioning = RedisPartitioning::new(
+            embedded.clone(),
+            RedisProfiles::new(&url, config.redis.clone())?.owned_by(owner.clone()),
+            partitions,
+            stop.clone(),
+            &registry,
+        );
+        let mirror = start_mirror(
+            config,
+            &url,
+            RedisProfiles::new(&url, config.redis.clone())?.owned_by(owner),
+            &embedded,
+            &registry,
+            Some(commit_durable(
+                log.clone(),
+                std::time::Duration::from_secs(1),
+            )),
+        )?;
+        let store: Arc<dyn StateStore> = embedded;
+        let watermark = Watermark::new(0);
+        let metrics = Arc::new(ProcessorMetrics::new(&registry));
+        register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
+        let app = AppState::new(
+            log.clone(),
+            store.clone(),
+            watermark.clone(),
+            config.ingest.clone(),
+            config.api.clone(),
+            config.recommend.clone(),
+            registry,
+        );
+        let mut processor = Processor::new(
+            log.clone(),
+            store.clone(),
+            config.processor.clone(),
+            watermark,
+            metrics,
+        );
+        processor.set_partitioning(Box::new(partitioning));
+        let thread_stop = stop.clone();
+        let thread_app = app.clone();
+        let handle = std::thread::Builder::new()
+            .name("kairos-processor".into())
+            .spawn(move || {
+                processor.catch_up()?;
+                thread_app.set_ready(true);
+                tracing::info!("processor replica ready; partitions come from the consumer group");
+                let result = processor.run(thread_stop);
+                if let Err(e) = &result {
+                    thread_app.set_ready(false);
+                    tracing::error!(error = %e, "processor stopped");
+                }
+                result
+            })
+            .map_err(|e| format!("starting processor thread: {e}"))?;
+        Ok(Node {
+            app,
+            log,
+            store,
+            role: Role::Process,
+            stop,
+            processor: Some(handle),
+            mirror: Some(mirror),
+        })
+    }
+
+    #[cfg(not(all(feature = "kafka", feature = "redis")))]
+    fn start_process(_config: &Config) -> Result<Node, String> {
+        Err("the process role needs a build with the kafka and redis features".into())
     }
 
     /// Blocks until the processor has replayed the log (or failed).
@@ -239,8 +352,9 @@ impl Node {
     fn stop_mirror(&mut self) {
         if let Some(mirror) = self.mirror.take() {
             mirror.stop.store(true, Ordering::Release);
-            if mirror.handle.join().unwrap_or(false) {
-                if let Err(e) = std::fs::write(&mirror.synced_file, b"") {
+            let synced = mirror.handle.join().unwrap_or(false);
+            if let Some(file) = mirror.synced_file.filter(|_| synced) {
+                if let Err(e) = std::fs::write(file, b"") {
                     tracing::warn!(error = %e, "recording that Redis is current");
                 }
             }
@@ -251,7 +365,8 @@ impl Node {
 struct Mirror {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<bool>,
-    synced_file: std::path::PathBuf,
+    /// Where a clean stop records that Redis is current (`None` for a processor replica).
+    synced_file: Option<std::path::PathBuf>,
 }
 
 /// Starts the thread that writes the profiles `store` changes to Redis.
@@ -259,28 +374,34 @@ struct Mirror {
 fn start_mirror(
     config: &Config,
     url: &str,
+    mut redis: kairos_state::redis_mirror::RedisProfiles,
     store: &Arc<EmbeddedStore>,
     registry: &Registry,
+    on_durable: Option<kairos_state::redis_mirror::OnDurable>,
 ) -> Result<Mirror, String> {
-    use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, RedisProfiles, SYNCED_FILE};
-    let mut redis = RedisProfiles::new(url, config.redis.clone())?;
+    use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, SYNCED_FILE};
     // A wrong address is a configuration error to report now; later outages are retried.
     redis
         .has_marker()
         .map_err(|e| format!("state backend: cannot reach Redis at {url:?}: {e}"))?;
     store.track_profile_changes();
-    // Only a clean stop of the last run, with Redis current, leaves this file behind.
-    let synced_file = config.data_dir.join("state").join(SYNCED_FILE);
-    if std::fs::remove_file(&synced_file).is_err() {
-        tracing::info!("the last run did not stop with Redis current: writing every profile");
-        store.mark_all_profiles_changed();
+    // Only a clean stop of the last run, with Redis current, leaves this file behind. A
+    // processor replica (`on_durable`) starts empty every time: it has nothing to write again.
+    let synced_file = on_durable
+        .is_none()
+        .then(|| config.data_dir.join("state").join(SYNCED_FILE));
+    if let Some(file) = &synced_file {
+        if std::fs::remove_file(file).is_err() {
+            tracing::info!("the last run did not stop with Redis current: writing every profile");
+            store.mark_all_profiles_changed();
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (thread_stop, thread_store) = (stop.clone(), store.clone());
     let metrics = MirrorMetrics::new(registry);
     let handle = std::thread::Builder::new()
         .name("kairos-redis".into())
-        .spawn(move || run_mirror(redis, thread_store, metrics, thread_stop))
+        .spawn(move || run_mirror(redis, thread_store, metrics, thread_stop, on_durable))
         .map_err(|e| format!("starting the Redis thread: {e}"))?;
     tracing::info!(url, "profiles are written to Redis");
     Ok(Mirror {
@@ -297,8 +418,10 @@ fn open_kafka_log(
     brokers: &str,
     start_seq: u64,
     consume: bool,
+    group: Option<&str>,
 ) -> Result<Arc<dyn EventLog>, String> {
-    let settings = config.kafka_log_config(brokers, start_seq, consume)?;
+    let mut settings = config.kafka_log_config(brokers, start_seq, consume)?;
+    settings.group = group.map(str::to_owned);
     let log = kairos_log::KafkaLog::open(settings)
         .map_err(|e| format!("opening the Kafka event log at {brokers}: {e}"))?;
     Ok(Arc::new(log))

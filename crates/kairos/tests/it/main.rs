@@ -10,6 +10,8 @@
 //! - `eval`: `kairos eval` on hand-checked fixtures, its CLI output and determinism.
 //! - `kafka_log`: the Kafka-protocol event log's contract against a real broker (tansu).
 //! - `redis_state`: the profiles in Redis and Redis Cluster, against real `redis-server`s.
+//! - `group`: `kairos process` replicas sharing a topic as a consumer group; one is killed with
+//!   SIGKILL under load, and every acknowledged event is counted once in Redis.
 //!
 //! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic with
 //! the profiles in Redis (the scale-out mode); two `api` scenarios run with a Redis Cluster too.
@@ -18,6 +20,7 @@ mod api;
 mod crash;
 mod eval;
 mod golden;
+mod group;
 mod kafka_log;
 mod redis_state;
 mod support;

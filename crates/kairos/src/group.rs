@@ -1,0 +1,298 @@
+//! `kairos process`: one of several processor replicas that share the event log's partitions as
+//! a Kafka consumer group, with the profiles in Redis.
+//!
+//! ## Who writes what
+//! The group gives each replica a set of partitions. A replica applies the events of its
+//! partitions (and every partition's catalogue entries, which all replicas need) to an in-memory
+//! state that holds only the profiles it has touched, and its Redis thread writes the changed
+//! ones. Events are keyed by user, so every profile key has one partition, hence one writer at a
+//! time; identities are linked, not merged, for that reason (see `GroupView` in the state).
+//!
+//! ## Exactly once across crashes and rebalances
+//! - A profile in Redis carries the offset of its partition it reflects (`f`): every event of
+//!   that partition below it is in the profile, none at or above it.
+//! - Before applying an event whose profile it does not hold, a replica loads the profile from
+//!   Redis ([`RedisPartitioning::admit`], one pipelined round trip per batch) and remembers that
+//!   offset as the profile's fence; events below the fence are dropped, not applied again.
+//! - The group's committed offset of a partition only moves once every profile changed below it
+//!   is in Redis ([`commit_durable`]): a replica that takes a partition over re-reads it from
+//!   there, and the fences drop what the previous owner had already written.
+//! - A replica that gains or loses a partition forgets every profile of it: another replica
+//!   may have changed them meanwhile, and Redis has the newer copy.
+//! - Writes compare the partition's offset in Redis (a Lua script): a replica that lost a
+//!   partition and has not noticed yet cannot put an older profile over a newer one.
+//!
+//! So a SIGKILL anywhere (after a Redis write and before the offset commit, or in the middle of
+//! a write) leaves each event counted once: `tests/it/group.rs` kills a replica under load and
+//! checks every profile's counts against the acknowledged events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kairos_log::EventLog;
+use kairos_processor::Partitioning;
+use kairos_state::portable::StoredProfile;
+use kairos_state::redis_mirror::{OnDurable, RedisProfiles};
+use kairos_state::{anonymous_key, user_key, EmbeddedStore, GroupView, LogPosition, StateStore};
+use kairos_types::metrics::{Counter, Registry};
+use kairos_types::{Event, LogEntry};
+
+/// The log partition of a profile key (`u:<userId>` or `a:<anonymousId>`): the partition its
+/// events are keyed to.
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
+    let id = key.get(2..).unwrap_or(key);
+    kairos_log::partition_for(id.as_bytes(), partitions)
+}
+
+/// The profile key an event applies to in a group (identities are not followed; see the module
+/// docs).
+fn profile_key(e: &Event) -> Option<String> {
+    match (&e.user_id, &e.anonymous_id) {
+        (Some(u), _) => Some(user_key(u)),
+        (None, Some(a)) => Some(anonymous_key(a)),
+        (None, None) => None,
+    }
+}
+
+/// The [`Partitioning`] of `kairos process`: profiles loaded from Redis on first use and fenced
+/// by the partition offset stored with them.
+pub struct RedisPartitioning {
+    store: Arc<EmbeddedStore>,
+    redis: RedisProfiles,
+    partitions: u32,
+    /// Per profile loaded from Redis, the offset of its partition below which its events are in
+    /// the stored profile (only where that is above 0).
+    fences: HashMap<Box<str>, u64>,
+    stop: Arc<AtomicBool>,
+    loaded: Arc<Counter>,
+    fenced: Arc<Counter>,
+}
+
+impl RedisPartitioning {
+    /// Puts `store` in group mode (see `GroupView`) and reads profiles with `redis`.
+    pub fn new(
+        store: Arc<EmbeddedStore>,
+        redis: RedisProfiles,
+        partitions: u32,
+        stop: Arc<AtomicBool>,
+        registry: &Registry,
+    ) -> RedisPartitioning {
+        store.write().group = Some(GroupView::default());
+        RedisPartitioning {
+            store,
+            redis,
+            partitions,
+            fences: HashMap::new(),
+            stop,
+            loaded: registry.counter(
+                "kairos_group_profiles_loaded_total",
+                "Profiles a processor replica read from Redis before applying their events.",
+                &[],
+            ),
+            fenced: registry.counter(
+                "kairos_group_events_fenced_total",
+                "Events a processor replica dropped because the profile in Redis already had them (re-read after a takeover).",
+                &[],
+            ),
+        }
+    }
+
+    /// Loads the stored profiles of `keys` into the state. Redis errors are retried with
+    /// backoff until it answers (events wait; none is applied without its profile), or the
+    /// node stops.
+    fn load(&mut self, keys: &[String]) -> Result<(), String> {
+        let partitions = self.partitions;
+        let of = move |k: &str| partition_of(k, partitions);
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut backoff = Duration::from_millis(50);
+        let found = loop {
+            match self.redis.load(&refs, &of) {
+                Ok(found) => break found,
+                Err(e) => {
+                    if self.stop.load(Ordering::Acquire) {
+                        return Err(format!("reading profiles from Redis: {e}"));
+                    }
+                    tracing::warn!(error = %e, "reading profiles from Redis failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        let mut state = self.store.write();
+        for (key, found) in keys.iter().zip(found) {
+            tracing::debug!(key, found = ?found.as_ref().map(|(p, o)| (matches!(p, StoredProfile::Profile(_)), o)), "profile loaded");
+            let Some((stored, offset)) = found else {
+                continue;
+            };
+            let StoredProfile::Profile(portable) = stored else {
+                continue;
+            };
+            match portable.import(&mut state) {
+                Some(profile) => state.users.load(key, profile),
+                None => {
+                    return Err(format!(
+                        "the profile of {key:?} in Redis refers past its own tables"
+                    ))
+                }
+            }
+            self.loaded.inc();
+            if offset > 0 {
+                self.fences.insert(key.as_str().into(), offset);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Partitioning for RedisPartitioning {
+    fn admit(
+        &mut self,
+        entries: &mut Vec<(LogPosition, LogEntry)>,
+        owned: &[bool],
+    ) -> Result<(), String> {
+        let owns = |pos: &LogPosition| owned.get(pos.partition as usize).copied() == Some(true);
+        let missing: Vec<String> = {
+            let state = self.store.read();
+            let mut seen = HashSet::new();
+            entries
+                .iter()
+                .filter(|(pos, _)| owns(pos))
+                .filter_map(|(_, entry)| match entry {
+                    LogEntry::Event(e) => profile_key(e),
+                    _ => None,
+                })
+                .filter(|key| !state.users.contains_key(key) && seen.insert(key.clone()))
+                .collect()
+        };
+        if !missing.is_empty() {
+            self.load(&missing)?;
+        }
+        let mut fenced = 0;
+        entries.retain(|(pos, entry)| {
+            let LogEntry::Event(e) = entry else {
+                return true;
+            };
+            if !owns(pos) {
+                return false;
+            }
+            let Some(key) = profile_key(e) else {
+                return true;
+            };
+            if partition_of(&key, self.partitions) != pos.partition {
+                tracing::error!(
+                    key,
+                    partition = pos.partition,
+                    "an event is not in the partition of its profile key"
+                );
+            }
+            let stored = self
+                .fences
+                .get(key.as_str())
+                .is_some_and(|&f| pos.offset < f);
+            fenced += u64::from(stored);
+            !stored
+        });
+        self.fenced.add(fenced);
+        Ok(())
+    }
+
+    fn reassigned(
+        &mut self,
+        generation: u64,
+        gained: &[(u32, u64)],
+        released: &[u32],
+    ) -> Result<(), String> {
+        let moved: HashSet<u32> = gained
+            .iter()
+            .map(|&(p, _)| p)
+            .chain(released.iter().copied())
+            .collect();
+        let partitions = self.partitions;
+        let mut state = self.store.write();
+        let state = &mut *state;
+        let forget: Vec<Box<str>> = state
+            .users
+            .keys()
+            .filter(|k| moved.contains(&partition_of(k, partitions)))
+            .map(Into::into)
+            .collect();
+        for key in &forget {
+            state.users.forget(key);
+        }
+        state
+            .links
+            .retain(|_, user| !moved.contains(&partition_of(user, partitions)));
+        self.fences
+            .retain(|k, _| !moved.contains(&partition_of(k, partitions)));
+        for &(p, from) in gained {
+            let offsets = &mut state.checkpoint.offsets;
+            if offsets.len() <= p as usize {
+                offsets.resize(p as usize + 1, 0);
+            }
+            offsets[p as usize] = from;
+        }
+        let group = state.group.get_or_insert_with(GroupView::default);
+        group.generation = generation;
+        // Links of the partitions that moved are made again by whoever applies their events.
+        group
+            .new_links
+            .retain(|(_, user)| !moved.contains(&partition_of(user, partitions)));
+        tracing::info!(
+            profiles_forgotten = forget.len(),
+            "profiles of reassigned partitions forgotten"
+        );
+        Ok(())
+    }
+}
+
+/// The mirror's [`OnDurable`] for a group: commits the offsets of the partitions this replica
+/// owns, at most every `interval` and after the last flush, and only from a checkpoint taken under the current
+/// assignment (a checkpoint from before a rebalance may be ahead of what was applied of a
+/// partition gained since).
+pub fn commit_durable(log: Arc<dyn EventLog>, interval: Duration) -> OnDurable {
+    let last: Mutex<(Option<Instant>, HashMap<u32, u64>)> = Mutex::default();
+    Box::new(move |generation, offsets, last_flush| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if !last_flush && last.0.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        let Some(assignment) = log.assignment() else {
+            return;
+        };
+        if assignment.generation != generation || generation == 0 {
+            return;
+        }
+        let commits: Vec<(u32, u64)> = assignment
+            .partitions
+            .iter()
+            .filter_map(|&p| Some((p, *offsets.get(p as usize)?)))
+            .filter(|(p, o)| last.1.get(p) != Some(o))
+            .collect();
+        last.0 = Some(Instant::now());
+        if commits.is_empty() {
+            return;
+        }
+        match log.commit_offsets(&commits) {
+            Ok(()) => last.1.extend(commits),
+            Err(e) => tracing::warn!(error = %e, "committing the group's offsets failed"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profile_key_has_the_partition_of_its_id() {
+        for id in ["alice", "bob", "visitor-17", ""] {
+            for n in [1, 4, 12] {
+                let p = kairos_log::partition_for(id.as_bytes(), n);
+                assert_eq!(partition_of(&user_key(id), n), p);
+                assert_eq!(partition_of(&anonymous_key(id), n), p);
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Processor replicas in a consumer group (`kairos process`, `crates/kairos/src/group.rs`): two
+//! replicas split a four-partition topic fed by a `kairos ingest` node; one is killed with
+//! SIGKILL under load and the other takes its partitions over. Afterwards every profile in Redis
+//! counts each acknowledged event of its key exactly once, and every identity link is there.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use kairos::demo::Rng;
+use kairos_state::portable::StoredProfile;
+use kairos_state::redis_mirror::RedisProfiles;
+use kairos_state::RedisSettings;
+
+use crate::support::{http, KafkaBroker, RedisServer, Server, TempDir};
+
+/// What the acknowledged events should have made of one profile key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Expected {
+    events: u64,
+    product_views: u64,
+    purchases: u64,
+}
+
+/// The value of an unlabelled metric in a `/metrics` page.
+fn metric(addr: &str, name: &str) -> Option<i64> {
+    let (status, body) = http(addr, "GET", "/metrics", None, Duration::from_secs(2)).ok()?;
+    if status != 200 {
+        return None;
+    }
+    String::from_utf8_lossy(&body).lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse::<f64>().ok().map(|v| v as i64))?
+    })
+}
+
+fn owned(addr: &str) -> i64 {
+    metric(addr, "kairos_group_partitions_owned").unwrap_or(-1)
+}
+
+/// Waits until `check` holds, for at most `limit`.
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One request's events, with what each should do to its profile key, and the identity links
+/// they make (linked key, user key).
+struct Batch {
+    events: Vec<Value>,
+    effects: Vec<(String, Expected)>,
+    links: Vec<(String, String)>,
+}
+
+/// Batch `n` of client `c`: views, purchases and page views of logged-in users, anonymous
+/// visitors browsing, and identifications linking a visitor to a user (mostly on another
+/// partition).
+fn batch(c: u64, n: u64, rng: &mut Rng) -> Batch {
+    let mut events = Vec::new();
+    let mut effects = Vec::new();
+    let mut links = Vec::new();
+    for i in 0..20u64 {
+        let id = format!("c{c}-b{n}-e{i}");
+        let ts = 1_700_000_000_000i64 + (n * 20 + i) as i64;
+        let product = format!("p{}", rng.below(60));
+        let user = format!("user-{}", rng.below(80));
+        let visitor = format!("visitor-{}", rng.below(120));
+        match rng.below(10) {
+            0..=3 => {
+                events.push(
+                    json!({"type": "track", "event": "product_view", "messageId": id,
+                    "userId": user, "anonymousId": format!("{user}-device"), "timestamp": ts,
+                    "properties": {"product_id": product, "category": "books"}}),
+                );
+                effects.push((
+                    format!("u:{user}"),
+                    Expected {
+                        events: 1,
+                        product_views: 1,
+                        purchases: 0,
+                    },
+                ));
+                links.push((format!("a:{user}-device"), format!("u:{user}")));
+            }
+            4 => {
+                events.push(json!({"type": "track", "event": "purchase", "messageId": id,
+                    "userId": user, "timestamp": ts,
+                    "properties": {"products": [{"product_id": product, "price": 10.0}], "revenue": 10.0}}));
+                effects.push((
+                    format!("u:{user}"),
+                    Expected {
+                        events: 1,
+                        product_views: 0,
+                        purchases: 1,
+                    },
+                ));
+            }
+            5..=7 => {
+                events.push(
+                    json!({"type": "track", "event": "product_view", "messageId": id,
+                    "anonymousId": visitor, "timestamp": ts,
+                    "properties": {"product_id": product}}),
+                );
+                effects.push((
+                    format!("a:{visitor}"),
+                    Expected {
+                        events: 1,
+                        product_views: 1,
+                        purchases: 0,
+                    },
+                ));
+            }
+            8 => {
+                events.push(json!({"type": "page", "name": "home", "messageId": id,
+                    "anonymousId": visitor, "timestamp": ts}));
+                effects.push((
+                    format!("a:{visitor}"),
+                    Expected {
+                        events: 1,
+                        product_views: 0,
+                        purchases: 0,
+                    },
+                ));
+            }
+            _ => {
+                // An identify counts no event, but makes the user's profile and the link. A
+                // visitor always turns out to be the same user.
+                let k = rng.below(120);
+                let (visitor, user) = (format!("visitor-{k}"), format!("user-{}", k % 80));
+                events.push(json!({"type": "identify", "messageId": id,
+                    "userId": user, "anonymousId": visitor, "timestamp": ts}));
+                effects.push((format!("u:{user}"), Expected::default()));
+                links.push((format!("a:{visitor}"), format!("u:{user}")));
+            }
+        }
+    }
+    Batch {
+        events,
+        effects,
+        links,
+    }
+}
+
+#[test]
+fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twice() {
+    let broker = KafkaBroker::start();
+    let redis = RedisServer::start();
+    let root = TempDir::new("group");
+    let topic = root
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let env: Vec<(String, String)> = [
+        ("KAIROS_LOG", format!("kafka://{}", broker.addr)),
+        ("KAIROS_STATE", redis.url()),
+        ("KAIROS_KAFKA__TOPIC", topic.clone()),
+        ("KAIROS_KAFKA__PARTITIONS", "4".into()),
+        ("KAIROS_KAFKA__GROUP", format!("{topic}-processors")),
+        ("KAIROS_KAFKA__GROUP_SESSION_TIMEOUT_MS", "6000".into()),
+        ("KAIROS_REDIS__PREFIX", topic.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let dir = |name: &str| {
+        let d = root.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let ingest = Server::start("ingest", &dir("ingest"), &env);
+    let doomed = Server::start("process", &dir("a"), &env);
+    // The second replica joins once the first owns the topic: the group then splits it.
+    wait_until(
+        "the first replica owns every partition",
+        Duration::from_secs(60),
+        || owned(&doomed.addr) == 4,
+    );
+    let survivor = Server::start("process", &dir("b"), &env);
+    wait_until(
+        "the replicas split the partitions",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = (owned(&doomed.addr), owned(&survivor.addr));
+            a > 0 && b > 0 && a + b == 4
+        },
+    );
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("group test seed {seed}");
+    let expected: Arc<Mutex<BTreeMap<String, Expected>>> = Arc::default();
+    let links: Arc<Mutex<BTreeSet<(String, String)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2u64)
+        .map(|c| {
+            let (addr, expected, links, stop) = (
+                ingest.addr.clone(),
+                expected.clone(),
+                links.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(seed ^ (c + 1));
+                let mut n = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let Batch {
+                        events,
+                        effects,
+                        links: new_links,
+                    } = batch(c, n, &mut rng);
+                    let body = serde_json::to_vec(&json!({ "batch": events })).unwrap();
+                    // Retried with the same messageIds until acknowledged, as the tracker does.
+                    loop {
+                        if let Ok((200, resp)) = http(
+                            &addr,
+                            "POST",
+                            "/v1/batch",
+                            Some(&body),
+                            Duration::from_secs(10),
+                        ) {
+                            let resp: Value = serde_json::from_slice(&resp).unwrap();
+                            assert_eq!(resp["rejected"], json!([]));
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let mut expected = expected.lock().unwrap();
+                    for (key, e) in effects {
+                        let x = expected.entry(key).or_default();
+                        x.events += e.events;
+                        x.product_views += e.product_views;
+                        x.purchases += e.purchases;
+                    }
+                    links.lock().unwrap().extend(new_links);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+
+    let mut rng = Rng::new(seed);
+    std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
+    let mut doomed = doomed;
+    doomed.child.kill().unwrap(); // SIGKILL: no last flush, no offset commit, no leaving the group
+    doomed.child.wait().unwrap();
+    eprintln!(
+        "killed a replica with {} profile keys touched",
+        expected.lock().unwrap().len()
+    );
+    // Under load all along: the survivor takes the dead replica's partitions over once the
+    // group's session timeout passes, then gives some to a newcomer (a rebalance without a
+    // crash: the survivor may still be writing profiles of partitions it just lost).
+    wait_until(
+        "the survivor owns every partition",
+        Duration::from_secs(60),
+        || owned(&survivor.addr) == 4,
+    );
+    let newcomer = Server::start("process", &dir("c"), &env);
+    wait_until(
+        "the survivor and the newcomer split the partitions",
+        Duration::from_secs(60),
+        || {
+            let (b, c) = (owned(&survivor.addr), owned(&newcomer.addr));
+            b > 0 && c > 0 && b + c == 4
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Release);
+    for c in clients {
+        c.join().unwrap();
+    }
+
+    let expected = expected.lock().unwrap().clone();
+    let links = links.lock().unwrap().clone();
+    let settings = RedisSettings {
+        prefix: topic,
+        ..RedisSettings::default()
+    };
+    let mut stored = RedisProfiles::new(&redis.url(), settings).unwrap();
+    // The first profile that differs, and whether it counts more than was acknowledged: an
+    // event counted twice never goes away, so that fails at once, while a count still short
+    // waits for the survivor to apply the rest.
+    let mismatch = |stored: &mut RedisProfiles| -> Option<(String, bool)> {
+        expected.iter().find_map(|(key, want)| {
+            let got = match stored.read(key).unwrap() {
+                Some((StoredProfile::Profile(p), _)) => {
+                    let c = &p.profile.counters;
+                    Expected {
+                        events: c.events,
+                        product_views: c.product_views,
+                        purchases: c.purchases,
+                    }
+                }
+                other => return Some((format!("{key}: Redis holds {other:?}"), false)),
+            };
+            let over = got.events > want.events
+                || got.product_views > want.product_views
+                || got.purchases > want.purchases;
+            (&got != want).then(|| {
+                let m = format!("{key}: Redis counts {got:?}, the acknowledged events {want:?}");
+                (m, over)
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Some((m, over)) = mismatch(&mut stored) {
+        if over || Instant::now() > deadline {
+            for (name, server) in [("survivor", &survivor), ("newcomer", &newcomer)] {
+                let (_, page) = http(
+                    &server.addr,
+                    "GET",
+                    "/metrics",
+                    None,
+                    Duration::from_secs(2),
+                )
+                .unwrap();
+                let page = String::from_utf8_lossy(&page).into_owned();
+                let lines: Vec<&str> = page
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && (l.starts_with("kairos_group")
+                                || l.starts_with("kairos_processor")
+                                || l.starts_with("kairos_redis"))
+                    })
+                    .collect();
+                eprintln!("{name}: {lines:?}");
+            }
+            let key = m.split(':').take(2).collect::<Vec<_>>().join(":");
+            eprintln!(
+                "{key} is in partition {}; Redis holds it at {:?}",
+                kairos::group::partition_of(&key, 4),
+                stored.read(&key).unwrap().map(|(_, f)| f)
+            );
+            panic!("{m}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(expected.len() > 100, "too little traffic to mean anything");
+    for (from, to) in &links {
+        assert_eq!(
+            stored.link_of(from).unwrap().as_deref(),
+            Some(to.as_str()),
+            "link of {from}"
+        );
+    }
+    let fenced: i64 = [&survivor, &newcomer]
+        .iter()
+        .map(|s| metric(&s.addr, "kairos_group_events_fenced_total").unwrap_or(0))
+        .sum();
+    eprintln!(
+        "{} acknowledged events in {} profiles and {} links, each counted once; {fenced} events re-read after a takeover were already in Redis",
+        expected.values().map(|e| e.events).sum::<u64>(),
+        expected.len(),
+        links.len()
+    );
+    drop((survivor, newcomer, ingest));
+}
