@@ -213,6 +213,15 @@ pub trait Partitioning: Send {
         gained: &[(u32, u64)],
         released: &[u32],
     ) -> Result<(), String>;
+
+    /// Of the `owned` partitions, those whose stored state is gone (Redis restarted empty): they
+    /// must be applied again from the start of the log. Called every round; may answer from a
+    /// periodic check.
+    fn lost(&mut self, owned: &[u32]) -> Result<Vec<u32>, String>;
+
+    /// The processor re-reads `partitions` from the given offsets (the start of the log) to
+    /// rebuild their lost state: forget what is held for them, as for a reassignment.
+    fn rebuild(&mut self, partitions: &[(u32, u64)]) -> Result<(), String>;
 }
 
 /// A processor's share of the partitions (see [`Partitioning`]).
@@ -304,7 +313,7 @@ impl Processor {
             return Ok(());
         };
         if assignment.generation == share.generation {
-            return Ok(());
+            return self.rebuild_lost();
         }
         let mut owned = vec![false; share.owned.len()];
         for &p in &assignment.partitions {
@@ -350,7 +359,34 @@ impl Processor {
             .partitions_owned
             .set(assignment.partitions.len() as i64);
         self.metrics.rebalances.inc();
-        Ok(())
+        // Before anything of a gained partition is applied: its profiles in Redis may be gone.
+        self.rebuild_lost()
+    }
+
+    /// Re-reads from the start of the log the owned partitions whose stored state was lost.
+    fn rebuild_lost(&mut self) -> Result<(), String> {
+        let Some(share) = &mut self.share else {
+            return Ok(());
+        };
+        let owned: Vec<u32> = (0..share.owned.len() as u32)
+            .filter(|&p| share.owned[p as usize])
+            .collect();
+        let mut partitioning = share.partitioning.lock().unwrap_or_else(|e| e.into_inner());
+        let lost = partitioning.lost(&owned)?;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let starts = self.log.start_offsets();
+        let mut resume = Vec::with_capacity(lost.len());
+        for p in lost {
+            let from = starts[p as usize];
+            self.log
+                .rewind(p)
+                .map_err(|e| format!("rewinding partition {p}: {e}"))?;
+            self.offsets[p as usize] = from;
+            resume.push((p, from));
+        }
+        partitioning.rebuild(&resume)
     }
 
     /// Runs `work` on the state after every round that applied something, once live (not while

@@ -19,6 +19,15 @@
 //!   lost the mirror (restarted without persistence, flushed) or never had it.
 //! - Channel `{prefix}:changed`: the Redis key of every profile written, for caches.
 //!
+//! A processor group (`kairos process`, `crates/kairos/src/group.rs`) writes the same hashes,
+//! fenced by the offset of the key's own partition only, and adds:
+//! - field `l` of an anonymous (or earlier user) key: the user key it was linked to;
+//! - field `t` of a profile: the incarnation of its partition it was written in;
+//! - `{prefix}:meta:p<partition>`: the partition's current incarnation. Its absence means Redis
+//!   lost the partition's profiles: the owner rebuilds them from the start of the log, in a new
+//!   incarnation, and ignores (then replaces) profiles of older ones, which a replica may have
+//!   written from memory after the loss without the links that went with them.
+//!
 //! ## Invariants
 //! - A profile is replaced only by one whose checkpoint dominates the stored one (behind on no
 //!   partition, ahead on one), checked by the write script atomically with the write. A node
@@ -110,9 +119,16 @@ pub type PartitionOf = Arc<dyn Fn(&str) -> u32 + Send + Sync>;
 /// the key. Returns 1 when written, 0 when refused as not newer. With a partition (ARGV[5], 1 +
 /// the index; 0 for none), only that partition's offset is compared: in a processor group only
 /// the events of the partition of the profile's key change it (see `GroupView` in the state).
+/// ARGV[6] is the partition's incarnation (0 outside a group, see
+/// [`RedisProfiles::partition_tokens`]): a profile of a newer one replaces any of an older one,
+/// and one of an older one is refused, whatever their offsets.
 const WRITE_SCRIPT: &str = r"
 local old = redis.call('HGET', KEYS[1], 'f')
 local part = tonumber(ARGV[5])
+local stored_t = tonumber(redis.call('HGET', KEYS[1], 't') or '0')
+local t = tonumber(ARGV[6])
+if stored_t > t then return 0 end
+if stored_t < t then old = nil end
 if old and part > 0 then
   local stored, new = {}, {}
   for o in string.gmatch(old, '[^,]+') do stored[#stored + 1] = tonumber(o) end
@@ -134,7 +150,7 @@ elseif old then
   end
   if not ahead then return 0 end
 end
-redis.call('HSET', KEYS[1], 'd', ARGV[1], 'f', ARGV[2])
+redis.call('HSET', KEYS[1], 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[6])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
 redis.call('PUBLISH', ARGV[4], KEYS[1])
@@ -236,22 +252,30 @@ impl RedisProfiles {
         result
     }
 
-    /// Writes `profiles` (profile key, what it holds) as of the state checkpoint `offsets`.
+    /// Writes `profiles` (profile key, what it holds) as of the state checkpoint `offsets`, and
+    /// in a processor group with the incarnation of each profile's partition (`tokens`, by
+    /// partition).
     pub fn write(
         &mut self,
         profiles: &[(Box<str>, StoredProfile)],
         offsets: &[u64],
+        tokens: &[u64],
     ) -> RedisResult<WriteReport> {
         if profiles.is_empty() {
             return Ok(WriteReport::default());
         }
         let fence = fence(offsets);
         let channel = self.channel();
-        let docs: Vec<(String, Vec<u8>, u32)> = profiles
+        let docs: Vec<(String, Vec<u8>, u32, u64)> = profiles
             .iter()
             .map(|(key, stored)| {
                 let part = self.owner.as_ref().map_or(0, |of| of(key) + 1);
-                (self.key(key), stored.encode(), part)
+                let token = part
+                    .checked_sub(1)
+                    .and_then(|p| tokens.get(p as usize))
+                    .copied()
+                    .unwrap_or(0);
+                (self.key(key), stored.encode(), part, token)
             })
             .collect();
         // EVALSHA sends the script's hash instead of its text. A node that does not have the
@@ -262,7 +286,7 @@ impl RedisProfiles {
         let ttl = self.settings.profile_ttl_secs;
         let commands = |by_hash: bool| -> Vec<Cmd> {
             docs.iter()
-                .map(|(key, doc, part)| {
+                .map(|(key, doc, part, token)| {
                     let mut cmd = if by_hash {
                         let mut c = redis::cmd("EVALSHA");
                         c.arg(&hash);
@@ -278,7 +302,8 @@ impl RedisProfiles {
                         .arg(&fence)
                         .arg(ttl)
                         .arg(&channel)
-                        .arg(part);
+                        .arg(part)
+                        .arg(token);
                     cmd
                 })
                 .collect()
@@ -320,11 +345,13 @@ impl RedisProfiles {
 
     /// What Redis holds for each of `profile_keys`, in one pipelined round trip: the profile
     /// and the offset of partition `partition_of(key)` it reflects (0 when it reflects none).
-    /// Keys without a profile (absent, or a link only) give `None`.
+    /// Keys without a profile (absent, or a link only), and profiles written in an older
+    /// incarnation of their partition than `tokens` says, give `None`.
     pub fn load(
         &mut self,
         profile_keys: &[&str],
         partition_of: &dyn Fn(&str) -> u32,
+        tokens: &[u64],
     ) -> RedisResult<Vec<Option<(StoredProfile, u64)>>> {
         if profile_keys.is_empty() {
             return Ok(Vec::new());
@@ -333,7 +360,7 @@ impl RedisProfiles {
             .iter()
             .map(|k| {
                 let mut cmd = redis::cmd("HMGET");
-                cmd.arg(self.key(k)).arg("d").arg("f");
+                cmd.arg(self.key(k)).arg("d").arg("f").arg("t");
                 cmd
             })
             .collect();
@@ -350,9 +377,17 @@ impl RedisProfiles {
                 else {
                     return None;
                 };
+                let partition = partition_of(key) as usize;
+                let token = match fields.get(2) {
+                    Some(Value::BulkString(t)) => String::from_utf8_lossy(t).parse().unwrap_or(0),
+                    _ => 0,
+                };
+                if token < tokens.get(partition).copied().unwrap_or(0) {
+                    return None;
+                }
                 let offset = String::from_utf8_lossy(f)
                     .split(',')
-                    .nth(partition_of(key) as usize)
+                    .nth(partition)
                     .and_then(|o| o.parse().ok())
                     .unwrap_or(0);
                 StoredProfile::decode(doc).map(|p| (p, offset))
@@ -390,6 +425,43 @@ impl RedisProfiles {
             Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
             _ => None,
         })
+    }
+
+    /// The key that records that Redis holds the profiles of log partition `partition` as of
+    /// the processor group's committed offset (`kairos process`), and in which incarnation.
+    fn partition_marker(&self, partition: u32) -> String {
+        format!("{}:meta:p{partition}", self.settings.prefix)
+    }
+
+    /// The incarnation of each of `partitions` (one pipelined round trip): `None` where Redis
+    /// has no marker, having lost the partition's profiles (or never had them). A rebuild of a
+    /// partition's profiles from the log starts a newer incarnation, whose profiles replace
+    /// whatever an older one left, offsets notwithstanding: after Redis lost data, a replica
+    /// may have written profiles from its memory that the rebuild must not trust.
+    pub fn partition_tokens(&mut self, partitions: &[u32]) -> RedisResult<Vec<Option<u64>>> {
+        let cmds = partitions
+            .iter()
+            .map(|&p| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(self.partition_marker(p));
+                cmd
+            })
+            .collect();
+        Ok(self
+            .run(cmds)?
+            .into_iter()
+            .map(|v| match v {
+                Value::BulkString(t) => String::from_utf8_lossy(&t).parse().ok(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Records that Redis holds partition `partition`'s profiles, in incarnation `token`.
+    pub fn set_partition_token(&mut self, partition: u32, token: u64) -> RedisResult<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.partition_marker(partition)).arg(token);
+        self.run(vec![cmd]).map(drop)
     }
 
     /// Whether Redis holds the mirror's marker (see the module docs).
@@ -477,10 +549,10 @@ impl MirrorMetrics {
     }
 }
 
-/// Called after every flush that wrote everything it took, with the group generation and the
-/// state's checkpoint at the time it took them (every entry below that checkpoint is in Redis),
-/// and whether it is the last flush before the mirror stops. A processor group commits its
-/// offsets there (see `kairos process`).
+/// Called after every flush that wrote everything it took, with the group epoch and the state's
+/// checkpoint at the time it took them (every entry below that checkpoint is in Redis), and
+/// whether it is the last flush before the mirror stops. A processor group commits its offsets
+/// there (see `kairos process`).
 pub type OnDurable = Box<dyn FnMut(u64, &[u64], bool) + Send>;
 
 /// Writes the profiles `store` changes to Redis until `stop` is set, then once more, so that a
@@ -526,7 +598,7 @@ pub fn run_mirror(
         }
         let flushed = flush(&mut redis, &store, &metrics);
         if let (Ok(f), Some(durable)) = (&flushed, &mut on_durable) {
-            durable(f.generation, &f.offsets, stopping);
+            durable(f.epoch, &f.offsets, stopping);
         }
         if stopping {
             let synced = flushed.is_ok() && !resync_pending;
@@ -592,7 +664,7 @@ struct Flushed {
     sampled: Option<String>,
     /// Every entry below this checkpoint is in Redis (see [`OnDurable`]).
     offsets: Vec<u64>,
-    generation: u64,
+    epoch: u64,
 }
 
 /// Writes every profile (and identity link) changed since the last flush.
@@ -615,15 +687,20 @@ fn flush(
     let mut sampled = None;
     for (n, chunk) in keys.chunks(batch).enumerate() {
         // Profiles and the checkpoint they reflect, read together under one short read lock.
-        let (profiles, offsets) = {
+        let (profiles, offsets, tokens) = {
             let state = store.read();
             let profiles: Vec<(Box<str>, StoredProfile)> = chunk
                 .iter()
                 .filter_map(|k| state.stored_profile(k).map(|p| (k.clone(), p)))
                 .collect();
-            (profiles, state.checkpoint.offsets.clone())
+            let tokens = state
+                .group
+                .as_ref()
+                .map(|g| g.tokens.clone())
+                .unwrap_or_default();
+            (profiles, state.checkpoint.offsets.clone(), tokens)
         };
-        match redis.write(&profiles, &offsets) {
+        match redis.write(&profiles, &offsets, &tokens) {
             Ok(report) => {
                 metrics.written.add(report.written);
                 metrics.stale.add(report.stale);
@@ -641,7 +718,7 @@ fn flush(
     Ok(Flushed {
         sampled,
         offsets: taken.offsets,
-        generation: taken.generation,
+        epoch: taken.epoch,
     })
 }
 

@@ -155,9 +155,14 @@ pub struct State {
 pub struct GroupView {
     /// Links made since the last write to Redis: (anonymous or earlier user key, user key).
     pub new_links: Vec<(Box<str>, Box<str>)>,
-    /// The group assignment the checkpoint's owned partitions were last reset for: offsets taken
-    /// with another generation may be stale and are not committed.
+    /// The group assignment the checkpoint's owned partitions were last reset for.
     pub generation: u64,
+    /// Bumped whenever the checkpoint of an owned partition goes back (a reassignment, or a
+    /// rebuild after Redis lost the profiles): offsets taken in another epoch are not committed.
+    pub epoch: u64,
+    /// Per partition, the incarnation of its profiles in Redis (the value of its marker there):
+    /// written with every profile, and profiles of an older one are not loaded.
+    pub tokens: Vec<u64>,
 }
 
 /// Result of applying one entry.

@@ -104,7 +104,8 @@ pub struct MirrorTake {
     pub keys: rustc_hash::FxHashSet<Box<str>>,
     pub links: Vec<(Box<str>, Box<str>)>,
     pub offsets: Vec<u64>,
-    pub generation: u64,
+    /// The group epoch of `offsets` (see `GroupView::epoch`).
+    pub epoch: u64,
 }
 
 /// In-memory state with snapshot files under `<data_dir>/state`.
@@ -159,18 +160,18 @@ impl EmbeddedStore {
 
     /// What a mirror copies next, taken at once under one write lock: the profile keys changed
     /// and the identity links made since the last call, and the checkpoint (with its group
-    /// generation) below which every change is among them.
+    /// epoch) below which every change is among them.
     pub fn take_for_mirror(&self) -> MirrorTake {
         let mut state = self.write();
-        let (links, generation) = match &mut state.group {
-            Some(g) => (std::mem::take(&mut g.new_links), g.generation),
+        let (links, epoch) = match &mut state.group {
+            Some(g) => (std::mem::take(&mut g.new_links), g.epoch),
             None => (Vec::new(), 0),
         };
         MirrorTake {
             keys: state.users.take_changes(),
             links,
             offsets: state.checkpoint.offsets.clone(),
-            generation,
+            epoch,
         }
     }
 

@@ -25,6 +25,17 @@
 //! So a SIGKILL anywhere (after a Redis write and before the offset commit, or in the middle of
 //! a write) leaves each event counted once: `tests/it/group.rs` kills a replica under load and
 //! checks every profile's counts against the acknowledged events.
+//!
+//! ## Redis losing the profiles
+//! Each partition has a marker in Redis holding its incarnation. A replica checks the markers of
+//! its partitions every second ([`RedisPartitioning::lost`]); a missing one means Redis lost
+//! them (restarted empty, flushed). The replica then rebuilds the partition: it forgets what it
+//! holds, commits the start of the log as the group's offset (so a crash midway starts over),
+//! starts a new incarnation and re-applies the partition from the start. Profiles written in an
+//! older incarnation are neither loaded nor kept: after the loss and before the check, the
+//! replica may have written profiles from memory, which are right but came without the identity
+//! links Redis lost, and whose offsets would otherwise fence out the events that make them
+//! again. The rebuild is exact as long as the topic still holds the partition's events.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,7 +71,14 @@ fn profile_key(e: &Event) -> Option<String> {
 /// by the partition offset stored with them.
 pub struct RedisPartitioning {
     store: Arc<EmbeddedStore>,
+    log: Arc<dyn EventLog>,
     redis: RedisProfiles,
+    /// Shared with [`commit_durable`].
+    commit_lock: Arc<Mutex<()>>,
+    last_marker_check: Option<Instant>,
+    /// Of the partitions [`Partitioning::lost`] last returned, those the group never committed
+    /// an offset for: starting, not lost.
+    fresh: HashSet<u32>,
     partitions: u32,
     /// Per profile loaded from Redis, the offset of its partition below which its events are in
     /// the stored profile (only where that is above 0).
@@ -68,21 +86,33 @@ pub struct RedisPartitioning {
     stop: Arc<AtomicBool>,
     loaded: Arc<Counter>,
     fenced: Arc<Counter>,
+    admitted: Arc<Counter>,
+    rebuilds: Arc<Counter>,
 }
 
+/// How often a replica checks that Redis still has its partitions' markers.
+const MARKER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 impl RedisPartitioning {
-    /// Puts `store` in group mode (see `GroupView`) and reads profiles with `redis`.
+    /// Puts `store` in group mode (see `GroupView`) and reads profiles with `redis`; `log` is
+    /// the group's.
     pub fn new(
         store: Arc<EmbeddedStore>,
+        log: Arc<dyn EventLog>,
         redis: RedisProfiles,
-        partitions: u32,
+        commit_lock: Arc<Mutex<()>>,
         stop: Arc<AtomicBool>,
         registry: &Registry,
     ) -> RedisPartitioning {
         store.write().group = Some(GroupView::default());
+        let partitions = log.partition_count();
         RedisPartitioning {
             store,
+            log,
             redis,
+            commit_lock,
+            last_marker_check: None,
+            fresh: HashSet::new(),
             partitions,
             fences: HashMap::new(),
             stop,
@@ -96,6 +126,16 @@ impl RedisPartitioning {
                 "Events a processor replica dropped because the profile in Redis already had them (re-read after a takeover).",
                 &[],
             ),
+            admitted: registry.counter(
+                "kairos_group_events_applied_total",
+                "Events of its own partitions a processor replica applied (catalogue entries, which every replica applies, not included).",
+                &[],
+            ),
+            rebuilds: registry.counter(
+                "kairos_group_partition_rebuilds_total",
+                "Partitions a processor replica rebuilt from the start of the log because Redis had lost their profiles.",
+                &[],
+            ),
         }
     }
 
@@ -106,9 +146,16 @@ impl RedisPartitioning {
         let partitions = self.partitions;
         let of = move |k: &str| partition_of(k, partitions);
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let tokens = self
+            .store
+            .read()
+            .group
+            .as_ref()
+            .map(|g| g.tokens.clone())
+            .unwrap_or_default();
         let mut backoff = Duration::from_millis(50);
         let found = loop {
-            match self.redis.load(&refs, &of) {
+            match self.redis.load(&refs, &of, &tokens) {
                 Ok(found) => break found,
                 Err(e) => {
                     if self.stop.load(Ordering::Acquire) {
@@ -169,7 +216,7 @@ impl Partitioning for RedisPartitioning {
         if !missing.is_empty() {
             self.load(&missing)?;
         }
-        let mut fenced = 0;
+        let (mut fenced, mut admitted) = (0, 0);
         entries.retain(|(pos, entry)| {
             let LogEntry::Event(e) = entry else {
                 return true;
@@ -192,9 +239,11 @@ impl Partitioning for RedisPartitioning {
                 .get(key.as_str())
                 .is_some_and(|&f| pos.offset < f);
             fenced += u64::from(stored);
+            admitted += u64::from(!stored);
             !stored
         });
         self.fenced.add(fenced);
+        self.admitted.add(admitted);
         Ok(())
     }
 
@@ -204,7 +253,128 @@ impl Partitioning for RedisPartitioning {
         gained: &[(u32, u64)],
         released: &[u32],
     ) -> Result<(), String> {
-        let moved: HashSet<u32> = gained
+        let commit_lock = self.commit_lock.clone();
+        let _commits = lock(&commit_lock);
+        let forgotten = self.forget(gained, released);
+        if let Some(group) = &mut self.store.write().group {
+            group.generation = generation;
+            // Learnt from the partitions' markers by the next `lost`, which runs at once.
+            for &(p, _) in gained {
+                if let Some(t) = group.tokens.get_mut(p as usize) {
+                    *t = 0;
+                }
+            }
+        }
+        self.last_marker_check = None;
+        tracing::info!(
+            profiles_forgotten = forgotten,
+            "profiles of reassigned partitions forgotten"
+        );
+        Ok(())
+    }
+
+    fn lost(&mut self, owned: &[u32]) -> Result<Vec<u32>, String> {
+        if owned.is_empty()
+            || self
+                .last_marker_check
+                .is_some_and(|t| t.elapsed() < MARKER_CHECK_INTERVAL)
+        {
+            return Ok(Vec::new());
+        }
+        self.last_marker_check = Some(Instant::now());
+        let found = match self.redis.partition_tokens(owned) {
+            Ok(found) => found,
+            Err(e) => {
+                // Redis down: nothing to decide until it answers (writes and loads retry).
+                tracing::warn!(error = %e, "reading the partitions' markers from Redis failed");
+                return Ok(Vec::new());
+            }
+        };
+        let mut state = self.store.write();
+        let group = state.group.get_or_insert_with(GroupView::default);
+        group.tokens.resize(self.partitions as usize, 0);
+        let mut lost = Vec::new();
+        for (&p, found) in owned.iter().zip(found) {
+            let mine = &mut group.tokens[p as usize];
+            match found {
+                // Gone: Redis lost the profiles (or never had them).
+                None => lost.push(p),
+                Some(t) if *mine == 0 => *mine = t,
+                // Rebuilt by another replica that owned it meanwhile: what this one holds
+                // belongs to an older incarnation.
+                Some(t) if t != *mine => lost.push(p),
+                Some(_) => {}
+            }
+        }
+        drop(state);
+        // Missing where the group never committed an offset either: a first start, not a loss.
+        self.fresh = match self.log.committed_offsets(&lost) {
+            Ok(committed) => lost
+                .iter()
+                .zip(committed)
+                .filter(|(_, c)| c.is_none())
+                .map(|(&p, _)| p)
+                .collect(),
+            Err(_) => HashSet::new(),
+        };
+        Ok(lost)
+    }
+
+    fn rebuild(&mut self, partitions: &[(u32, u64)]) -> Result<(), String> {
+        let commit_lock = self.commit_lock.clone();
+        let commits = lock(&commit_lock);
+        let forgotten = self.forget(partitions, &[]);
+        // A new incarnation: newer than any this partition had, so that its profiles replace
+        // whatever Redis holds of older ones.
+        let now = u64::try_from(kairos_types::time::now_ms()).unwrap_or(0);
+        let tokens: Vec<(u32, u64)> = {
+            let mut state = self.store.write();
+            let group = state.group.get_or_insert_with(GroupView::default);
+            group.tokens.resize(self.partitions as usize, 0);
+            partitions
+                .iter()
+                .map(|&(p, _)| {
+                    let token = now.max(group.tokens[p as usize] + 1);
+                    group.tokens[p as usize] = token;
+                    (p, token)
+                })
+                .collect()
+        };
+        // The group resumes from the start too if this replica stops before it is done.
+        self.log
+            .commit_offsets(partitions)
+            .map_err(|e| format!("committing the rebuild's start: {e}"))?;
+        drop(commits);
+        for (p, token) in tokens {
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = self.redis.set_partition_token(p, token) {
+                if self.stop.load(Ordering::Acquire) {
+                    return Err(format!("marking partition {p} in Redis: {e}"));
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        if partitions.iter().all(|(p, _)| self.fresh.contains(p)) {
+            tracing::info!(partitions = ?partitions, "profiles of these partitions start in Redis");
+        } else {
+            tracing::warn!(
+                partitions = ?partitions,
+                profiles_forgotten = forgotten,
+                "Redis lost the profiles of these partitions: rebuilding them from the start of the log"
+            );
+            self.rebuilds.add(partitions.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+impl RedisPartitioning {
+    /// Forgets every profile, fence and pending link of the partitions in `resume` (which the
+    /// state's checkpoint then resumes from) and `released`, and starts a new epoch: offsets
+    /// taken before are not committed. Returns how many profiles were forgotten.
+    fn forget(&mut self, resume: &[(u32, u64)], released: &[u32]) -> usize {
+        let moved: HashSet<u32> = resume
             .iter()
             .map(|&(p, _)| p)
             .chain(released.iter().copied())
@@ -226,7 +396,7 @@ impl Partitioning for RedisPartitioning {
             .retain(|_, user| !moved.contains(&partition_of(user, partitions)));
         self.fences
             .retain(|k, _| !moved.contains(&partition_of(k, partitions)));
-        for &(p, from) in gained {
+        for &(p, from) in resume {
             let offsets = &mut state.checkpoint.offsets;
             if offsets.len() <= p as usize {
                 offsets.resize(p as usize + 1, 0);
@@ -234,30 +404,47 @@ impl Partitioning for RedisPartitioning {
             offsets[p as usize] = from;
         }
         let group = state.group.get_or_insert_with(GroupView::default);
-        group.generation = generation;
-        // Links of the partitions that moved are made again by whoever applies their events.
+        group.epoch += 1;
+        // Links of these partitions are made again by whoever applies their events.
         group
             .new_links
             .retain(|(_, user)| !moved.contains(&partition_of(user, partitions)));
-        tracing::info!(
-            profiles_forgotten = forget.len(),
-            "profiles of reassigned partitions forgotten"
-        );
-        Ok(())
+        forget.len()
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The mirror's [`OnDurable`] for a group: commits the offsets of the partitions this replica
-/// owns, at most every `interval` and after the last flush, and only from a checkpoint taken under the current
-/// assignment (a checkpoint from before a rebalance may be ahead of what was applied of a
-/// partition gained since).
-pub fn commit_durable(log: Arc<dyn EventLog>, interval: Duration) -> OnDurable {
-    let last: Mutex<(Option<Instant>, HashMap<u32, u64>)> = Mutex::default();
-    Box::new(move |generation, offsets, last_flush| {
-        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-        if !last_flush && last.0.is_some_and(|t| t.elapsed() < interval) {
+/// owns, at most every `interval` and after the last flush, and only from a checkpoint taken in
+/// the current epoch under the current assignment. A checkpoint from before a reassignment may be
+/// ahead of what was applied of a partition gained since (catalogue entries move it while the
+/// partition's events are skipped), and one from before a rebuild covers profiles Redis lost.
+/// `commit_lock` orders these commits with a rebuild's own.
+pub fn commit_durable(
+    log: Arc<dyn EventLog>,
+    store: Arc<EmbeddedStore>,
+    commit_lock: Arc<Mutex<()>>,
+    interval: Duration,
+) -> OnDurable {
+    let mut last_time: Option<Instant> = None;
+    let mut last_offsets: HashMap<u32, u64> = HashMap::new();
+    Box::new(move |epoch, offsets, last_flush| {
+        if !last_flush && last_time.is_some_and(|t| t.elapsed() < interval) {
             return;
         }
+        let _commits = lock(&commit_lock);
+        let Some(generation) = store
+            .read()
+            .group
+            .as_ref()
+            .filter(|g| g.epoch == epoch)
+            .map(|g| g.generation)
+        else {
+            return;
+        };
         let Some(assignment) = log.assignment() else {
             return;
         };
@@ -268,14 +455,14 @@ pub fn commit_durable(log: Arc<dyn EventLog>, interval: Duration) -> OnDurable {
             .partitions
             .iter()
             .filter_map(|&p| Some((p, *offsets.get(p as usize)?)))
-            .filter(|(p, o)| last.1.get(p) != Some(o))
+            .filter(|(p, o)| last_offsets.get(p) != Some(o))
             .collect();
-        last.0 = Some(Instant::now());
+        last_time = Some(Instant::now());
         if commits.is_empty() {
             return;
         }
         match log.commit_offsets(&commits) {
-            Ok(()) => last.1.extend(commits),
+            Ok(()) => last_offsets.extend(commits),
             Err(e) => tracing::warn!(error = %e, "committing the group's offsets failed"),
         }
     })

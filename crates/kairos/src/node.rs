@@ -247,10 +247,12 @@ impl Node {
         let owner: kairos_state::redis_mirror::PartitionOf =
             Arc::new(move |key: &str| partition_of(key, partitions));
         let stop = Arc::new(AtomicBool::new(false));
+        let commit_lock = Arc::new(std::sync::Mutex::new(()));
         let partitioning = RedisPartitioning::new(
             embedded.clone(),
+            log.clone(),
             RedisProfiles::new(&url, config.redis.clone())?.owned_by(owner.clone()),
-            partitions,
+            commit_lock.clone(),
             stop.clone(),
             &registry,
         );
@@ -262,6 +264,8 @@ impl Node {
             &registry,
             Some(commit_durable(
                 log.clone(),
+                embedded.clone(),
+                commit_lock,
                 std::time::Duration::from_secs(1),
             )),
         )?;

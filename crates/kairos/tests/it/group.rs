@@ -13,9 +13,8 @@ use serde_json::{json, Value};
 use kairos::demo::Rng;
 use kairos_state::portable::StoredProfile;
 use kairos_state::redis_mirror::RedisProfiles;
-use kairos_state::RedisSettings;
 
-use crate::support::{http, KafkaBroker, RedisServer, Server, TempDir};
+use crate::support::{http, KafkaBroker, Redis, RedisCluster, RedisServer, Server, TempDir};
 
 /// What the acknowledged events should have made of one profile key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -147,10 +146,39 @@ fn batch(c: u64, n: u64, rng: &mut Rng) -> Batch {
     }
 }
 
+/// What goes wrong while the events come in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// One replica is killed with SIGKILL; once the other has taken its partitions over, a third
+    /// replica joins and takes some of them (a rebalance without a crash).
+    KillThenJoin,
+    /// Redis is killed and restarted empty: the replicas rebuild their partitions from the
+    /// start of the log.
+    RedisRestartedEmpty,
+}
+
 #[test]
 fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twice() {
+    replicas_under(Fault::KillThenJoin, Redis::Single(RedisServer::start()));
+}
+
+/// The same against a Redis Cluster of three masters: a batch's profiles are loaded, and its
+/// links written, in pipelines that span the masters.
+#[test]
+fn replicas_share_partitions_exactly_once_on_redis_cluster() {
+    replicas_under(Fault::KillThenJoin, Redis::Cluster(RedisCluster::start()));
+}
+
+#[test]
+fn replicas_rebuild_what_redis_lost_from_the_log() {
+    replicas_under(
+        Fault::RedisRestartedEmpty,
+        Redis::Single(RedisServer::start()),
+    );
+}
+
+fn replicas_under(fault: Fault, mut redis: Redis) {
     let broker = KafkaBroker::start();
-    let redis = RedisServer::start();
     let root = TempDir::new("group");
     let topic = root
         .path()
@@ -176,19 +204,19 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
         d
     };
     let ingest = Server::start("ingest", &dir("ingest"), &env);
-    let doomed = Server::start("process", &dir("a"), &env);
+    let first = Server::start("process", &dir("a"), &env);
     // The second replica joins once the first owns the topic: the group then splits it.
     wait_until(
         "the first replica owns every partition",
         Duration::from_secs(60),
-        || owned(&doomed.addr) == 4,
+        || owned(&first.addr) == 4,
     );
-    let survivor = Server::start("process", &dir("b"), &env);
+    let second = Server::start("process", &dir("b"), &env);
     wait_until(
         "the replicas split the partitions",
         Duration::from_secs(60),
         || {
-            let (a, b) = (owned(&doomed.addr), owned(&survivor.addr));
+            let (a, b) = (owned(&first.addr), owned(&second.addr));
             a > 0 && b > 0 && a + b == 4
         },
     );
@@ -251,30 +279,48 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
 
     let mut rng = Rng::new(seed);
     std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
-    let mut doomed = doomed;
-    doomed.child.kill().unwrap(); // SIGKILL: no last flush, no offset commit, no leaving the group
-    doomed.child.wait().unwrap();
-    eprintln!(
-        "killed a replica with {} profile keys touched",
-        expected.lock().unwrap().len()
-    );
-    // Under load all along: the survivor takes the dead replica's partitions over once the
-    // group's session timeout passes, then gives some to a newcomer (a rebalance without a
-    // crash: the survivor may still be writing profiles of partitions it just lost).
-    wait_until(
-        "the survivor owns every partition",
-        Duration::from_secs(60),
-        || owned(&survivor.addr) == 4,
-    );
-    let newcomer = Server::start("process", &dir("c"), &env);
-    wait_until(
-        "the survivor and the newcomer split the partitions",
-        Duration::from_secs(60),
-        || {
-            let (b, c) = (owned(&survivor.addr), owned(&newcomer.addr));
-            b > 0 && c > 0 && b + c == 4
-        },
-    );
+    let replicas = match fault {
+        Fault::KillThenJoin => {
+            let (mut doomed, survivor) = (first, second);
+            doomed.child.kill().unwrap(); // SIGKILL: no last flush, no offset commit, no leaving
+            doomed.child.wait().unwrap();
+            eprintln!(
+                "killed a replica with {} profile keys touched",
+                expected.lock().unwrap().len()
+            );
+            // Under load all along: the survivor takes the dead replica's partitions over once
+            // the group's session timeout passes, then gives some to a newcomer (a rebalance
+            // without a crash: the survivor may still be writing profiles of partitions it just
+            // lost).
+            wait_until(
+                "the survivor owns every partition",
+                Duration::from_secs(60),
+                || owned(&survivor.addr) == 4,
+            );
+            let newcomer = Server::start("process", &dir("c"), &env);
+            wait_until(
+                "the survivor and the newcomer split the partitions",
+                Duration::from_secs(60),
+                || {
+                    let (b, c) = (owned(&survivor.addr), owned(&newcomer.addr));
+                    b > 0 && c > 0 && b + c == 4
+                },
+            );
+            vec![survivor, newcomer]
+        }
+        Fault::RedisRestartedEmpty => {
+            let Redis::Single(server) = &mut redis else {
+                unreachable!("restarted on a single server")
+            };
+            server.restart_empty();
+            eprintln!(
+                "restarted Redis empty with {} profile keys touched",
+                expected.lock().unwrap().len()
+            );
+            std::thread::sleep(Duration::from_millis(2000));
+            vec![first, second]
+        }
+    };
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Release);
     for c in clients {
@@ -283,11 +329,7 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
 
     let expected = expected.lock().unwrap().clone();
     let links = links.lock().unwrap().clone();
-    let settings = RedisSettings {
-        prefix: topic,
-        ..RedisSettings::default()
-    };
-    let mut stored = RedisProfiles::new(&redis.url(), settings).unwrap();
+    let mut stored = redis.profiles_under(&topic);
     // The first profile that differs, and whether it counts more than was acknowledged: an
     // event counted twice never goes away, so that fails at once, while a count still short
     // waits for the survivor to apply the rest.
@@ -316,7 +358,7 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Some((m, over)) = mismatch(&mut stored) {
         if over || Instant::now() > deadline {
-            for (name, server) in [("survivor", &survivor), ("newcomer", &newcomer)] {
+            for server in &replicas {
                 let (_, page) = http(
                     &server.addr,
                     "GET",
@@ -335,7 +377,7 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
                                 || l.starts_with("kairos_redis"))
                     })
                     .collect();
-                eprintln!("{name}: {lines:?}");
+                eprintln!("{}: {lines:?}", server.addr);
             }
             let key = m.split(':').take(2).collect::<Vec<_>>().join(":");
             eprintln!(
@@ -355,15 +397,22 @@ fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twic
             "link of {from}"
         );
     }
-    let fenced: i64 = [&survivor, &newcomer]
-        .iter()
-        .map(|s| metric(&s.addr, "kairos_group_events_fenced_total").unwrap_or(0))
-        .sum();
+    let total = |name: &str| -> i64 {
+        replicas
+            .iter()
+            .map(|s| metric(&s.addr, name).unwrap_or(0))
+            .sum()
+    };
+    let fenced = total("kairos_group_events_fenced_total");
+    if fault == Fault::RedisRestartedEmpty {
+        let rebuilt = total("kairos_group_partition_rebuilds_total");
+        assert!(rebuilt >= 4, "only {rebuilt} partitions rebuilt");
+    }
     eprintln!(
         "{} acknowledged events in {} profiles and {} links, each counted once; {fenced} events re-read after a takeover were already in Redis",
         expected.values().map(|e| e.events).sum::<u64>(),
         expected.len(),
         links.len()
     );
-    drop((survivor, newcomer, ingest));
+    drop((replicas, ingest));
 }

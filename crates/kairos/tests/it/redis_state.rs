@@ -69,7 +69,7 @@ fn a_profile_is_replaced_only_by_a_newer_one() {
     let key: Box<str> = "u:fenced".into();
     let write = |redis: &mut kairos_state::redis_mirror::RedisProfiles, events, offsets: &[u64]| {
         let r = redis
-            .write(&[(key.clone(), profile_with_events(events))], offsets)
+            .write(&[(key.clone(), profile_with_events(events))], offsets, &[])
             .unwrap();
         assert_eq!(r.written + r.stale, 1);
         r.written == 1
