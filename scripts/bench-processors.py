@@ -13,7 +13,7 @@ reads their /metrics every 100 ms:
   the sum stopped growing;
 - the rate: events applied after the group settled, over the time from settling to the last one.
 
-Usage: cargo build --release && python3 scripts/bench-processors.py [--counts 1,2,4]
+Usage: cargo build --release && python3 scripts/bench-processors.py [--counts 1,2,4] [--fills 3]
 """
 
 import argparse
@@ -127,6 +127,8 @@ def run(count, base_env, work):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="1,2,4")
+    parser.add_argument("--fills", type=int, default=3,
+                        help="runs of the quick ingest scenario that fill the topic")
     args = parser.parse_args()
     for path, hint in [(KAIROS, "cargo build --release"), (TANSU, "scripts/fetch-tansu.sh")]:
         if not os.path.exists(path):
@@ -155,10 +157,13 @@ def main():
         })
         fill_env = dict(env)
         del fill_env["KAIROS_STATE"]
-        print("filling the topic: kairos bench --quick --scenario ingest", file=sys.stderr)
-        subprocess.run([KAIROS, "bench", "--quick", "--scenario", "ingest",
-                        "--dir", os.path.join(work, "fill")],
-                       env=fill_env, check=True, stdout=subprocess.DEVNULL)
+        for n in range(args.fills):
+            print(f"filling the topic ({n + 1}/{args.fills}): kairos bench --quick --scenario ingest",
+                  file=sys.stderr)
+            subprocess.run([KAIROS, "bench", "--quick", "--scenario", "ingest", "--seed", str(n + 1),
+                            "--dir", os.path.join(work, f"fill{n}")],
+                           env=fill_env, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         print("| replicas | group settled after | events applied | after settling | in | events/s |")
         print("|---|---|---|---|---|---|")
         for count in [int(c) for c in args.counts.split(",")]:

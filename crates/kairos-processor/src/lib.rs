@@ -163,12 +163,21 @@ const PIPELINE_MIN_RECORDS: usize = 1024;
 const PIPELINE_DECODE_CHUNK: usize = 256;
 
 /// Decodes log records into entries; an undecodable record is counted, logged and skipped.
+/// Decodes `records` into `out`, except (with `owned`, in a group) the events of partitions this
+/// processor does not own: it would drop them decoded (see [`Partitioning::admit`]), and a
+/// replica of four reads four times what it applies.
 fn decode_records(
     records: &[Record],
     out: &mut Vec<(LogPosition, LogEntry)>,
     metrics: &ProcessorMetrics,
+    owned: Option<&[bool]>,
 ) {
     for r in records {
+        if owned.is_some_and(|o| !o.get(r.partition as usize).copied().unwrap_or(false))
+            && LogEntry::is_encoded_event(&r.payload)
+        {
+            continue;
+        }
         let pos = LogPosition {
             partition: r.partition,
             offset: r.offset,
@@ -451,7 +460,8 @@ impl Processor {
         let applied = match pipelined {
             Some(applied) => applied?,
             None => {
-                decode_records(&records, &mut entries, &self.metrics);
+                let owned = self.share.as_ref().map(|s| s.owned.as_slice());
+                decode_records(&records, &mut entries, &self.metrics, owned);
                 self.apply_decoded(&mut entries)?
             }
         };
@@ -512,6 +522,7 @@ impl Processor {
             // leave each thread waiting on the other.
             let (back_tx, back_rx) = std::sync::mpsc::channel::<Decoded>();
             let metrics = &self.metrics;
+            let owned = self.share.as_ref().map(|s| s.owned.as_slice());
             let decoder = std::thread::Builder::new()
                 .name("kairos-decode".into())
                 .spawn_scoped(scope, move || {
@@ -523,7 +534,7 @@ impl Processor {
                             }
                             Err(_) => Vec::with_capacity(part.len()),
                         };
-                        decode_records(part, &mut decoded, metrics);
+                        decode_records(part, &mut decoded, metrics, owned);
                         if tx.send(decoded).is_err() {
                             return;
                         }

@@ -136,6 +136,15 @@ impl LogEntry {
         encode_wire(&wire)
     }
 
+    /// Whether `bytes` (a record written by [`encode`](Self::encode)) holds an event, read from
+    /// its first two bytes without decoding it: a processor that applies only some partitions'
+    /// events skips the others' undecoded. `false` for the first (JSON) format, which is
+    /// decoded to tell.
+    pub fn is_encoded_event(bytes: &[u8]) -> bool {
+        // postcard writes the variant index first, as a varint: `Wire::Event` is 0.
+        bytes.len() >= 2 && bytes[0] == BINARY_V1 && bytes[1] == 0
+    }
+
     /// Reads a record written by [`encode`](Self::encode), or by the first (JSON) format.
     pub fn decode(bytes: &[u8]) -> Result<LogEntry, DecodeError> {
         let Some(body) = bytes.strip_prefix(&[BINARY_V1]) else {
@@ -281,10 +290,12 @@ mod tests {
             timestamp: 5,
         };
         assert_eq!(LogEntry::decode(&entry.encode()).unwrap(), entry);
+        assert!(!LogEntry::is_encoded_event(&entry.encode()));
         let item = Item::from_json(&json!({"id": "x", "title": "T", "attributes": {"a": [1, 2]}}))
             .unwrap();
         let entry = LogEntry::ItemUpsert(item);
         assert_eq!(LogEntry::decode(&entry.encode()).unwrap(), entry);
+        assert!(!LogEntry::is_encoded_event(&entry.encode()));
         let req = crate::RequestContext {
             received_at: 7,
             ..Default::default()
@@ -297,6 +308,8 @@ mod tests {
         let entry = LogEntry::Event(event);
         let bytes = entry.encode();
         assert_eq!(bytes[0], BINARY_V1);
+        assert!(LogEntry::is_encoded_event(&bytes));
+        assert!(!LogEntry::is_encoded_event(raw.as_bytes()));
         let back = LogEntry::decode(&bytes).unwrap();
         assert_eq!(back, entry);
         let LogEntry::Event(e) = back else {

@@ -301,8 +301,11 @@ impl Partitioning for RedisPartitioning {
                 None => lost.push(p),
                 Some(t) if *mine == 0 => *mine = t,
                 // Rebuilt by another replica that owned it meanwhile: what this one holds
-                // belongs to an older incarnation.
-                Some(t) if t != *mine => lost.push(p),
+                // belongs to an older incarnation. The rebuild's will be newer than both.
+                Some(t) if t != *mine => {
+                    *mine = (*mine).max(t);
+                    lost.push(p);
+                }
                 Some(_) => {}
             }
         }
