@@ -269,41 +269,31 @@ impl Profiles {
 
     /// The profile of `key`, created empty if there is none (the key is copied only then).
     pub fn get_or_insert(&mut self, key: &str) -> &mut Profile {
-        let slot = match self.index.get(key) {
-            Some(&i) => i,
-            None => {
-                let i = match self.free.pop() {
-                    Some(i) => i,
-                    None => {
-                        self.slots.push(Profile::default());
-                        (self.slots.len() - 1) as u32
-                    }
-                };
-                self.index.insert(key.into(), i);
-                i
-            }
-        };
+        let slot = self.slot_of(key);
         self.mark_changed(key);
         &mut self.slots[slot as usize]
+    }
+
+    /// The slot of `key`, given an empty one if it has none.
+    fn slot_of(&mut self, key: &str) -> u32 {
+        if let Some(&i) = self.index.get(key) {
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Profile::default());
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(key.into(), i);
+        i
     }
 
     /// Puts `profile` under `key` as read from a store elsewhere (Redis): not a change to copy
     /// back there.
     pub fn load(&mut self, key: &str, profile: Profile) {
-        let slot = match self.index.get(key) {
-            Some(&i) => i,
-            None => {
-                let i = match self.free.pop() {
-                    Some(i) => i,
-                    None => {
-                        self.slots.push(Profile::default());
-                        (self.slots.len() - 1) as u32
-                    }
-                };
-                self.index.insert(key.into(), i);
-                i
-            }
-        };
+        let slot = self.slot_of(key);
         self.slots[slot as usize] = profile;
     }
 

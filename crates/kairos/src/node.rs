@@ -111,25 +111,7 @@ impl Node {
             #[cfg(not(feature = "kafka"))]
             LogBackend::Kafka { .. } => unreachable!("rejected by Config::log_backend"),
         };
-        let watermark = Watermark::new(store.checkpoint().seq);
-        let metrics = Arc::new(ProcessorMetrics::new(&registry));
-        register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
-        let app = AppState::new(
-            log.clone(),
-            store.clone(),
-            watermark.clone(),
-            config.ingest.clone(),
-            config.api.clone(),
-            config.recommend.clone(),
-            registry,
-        );
-        let mut processor = Processor::new(
-            log.clone(),
-            store.clone(),
-            config.processor.clone(),
-            watermark,
-            metrics,
-        );
+        let (app, mut processor) = wire(config, &log, &store, registry);
         // With a refresh period, the cached lists are refreshed by the processor rather than by
         // whichever read finds them stale (with none, every read recomputes, as tests want).
         if config.model.trending_refresh_ms > 0 {
@@ -139,28 +121,7 @@ impl Node {
             }));
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
-        let thread_app = app.clone();
-        let handle = std::thread::Builder::new()
-            .name("kairos-processor".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let replayed = processor.catch_up()?;
-                tracing::info!(
-                    entries = replayed,
-                    ms = started.elapsed().as_millis() as u64,
-                    "log replayed; node ready"
-                );
-                thread_app.set_ready(true);
-                let result = processor.run(thread_stop);
-                if let Err(e) = &result {
-                    // Reads would silently serve a frozen state: report the node as not ready.
-                    thread_app.set_ready(false);
-                    tracing::error!(error = %e, "processor stopped");
-                }
-                result
-            })
-            .map_err(|e| format!("starting processor thread: {e}"))?;
+        let handle = spawn_processor(processor, app.clone(), stop.clone())?;
         Ok(Node {
             app,
             log,
@@ -270,42 +231,9 @@ impl Node {
             )),
         )?;
         let store: Arc<dyn StateStore> = embedded;
-        let watermark = Watermark::new(0);
-        let metrics = Arc::new(ProcessorMetrics::new(&registry));
-        register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
-        let app = AppState::new(
-            log.clone(),
-            store.clone(),
-            watermark.clone(),
-            config.ingest.clone(),
-            config.api.clone(),
-            config.recommend.clone(),
-            registry,
-        );
-        let mut processor = Processor::new(
-            log.clone(),
-            store.clone(),
-            config.processor.clone(),
-            watermark,
-            metrics,
-        );
+        let (app, mut processor) = wire(config, &log, &store, registry);
         processor.set_partitioning(Box::new(partitioning));
-        let thread_stop = stop.clone();
-        let thread_app = app.clone();
-        let handle = std::thread::Builder::new()
-            .name("kairos-processor".into())
-            .spawn(move || {
-                processor.catch_up()?;
-                thread_app.set_ready(true);
-                tracing::info!("processor replica ready; partitions come from the consumer group");
-                let result = processor.run(thread_stop);
-                if let Err(e) = &result {
-                    thread_app.set_ready(false);
-                    tracing::error!(error = %e, "processor stopped");
-                }
-                result
-            })
-            .map_err(|e| format!("starting processor thread: {e}"))?;
+        let handle = spawn_processor(processor, app.clone(), stop.clone())?;
         Ok(Node {
             app,
             log,
@@ -371,6 +299,64 @@ struct Mirror {
     handle: JoinHandle<bool>,
     /// Where a clean stop records that Redis is current (`None` for a processor replica).
     synced_file: Option<std::path::PathBuf>,
+}
+
+/// The API state and the processor of a node on `log` and `store`, with their metrics.
+fn wire(
+    config: &Config,
+    log: &Arc<dyn EventLog>,
+    store: &Arc<dyn StateStore>,
+    registry: Arc<Registry>,
+) -> (Arc<AppState>, Processor) {
+    let watermark = Watermark::new(store.checkpoint().seq);
+    let metrics = Arc::new(ProcessorMetrics::new(&registry));
+    register_state_gauges(&registry, log.clone(), store.clone(), watermark.clone());
+    let app = AppState::new(
+        log.clone(),
+        store.clone(),
+        watermark.clone(),
+        config.ingest.clone(),
+        config.api.clone(),
+        config.recommend.clone(),
+        registry,
+    );
+    let processor = Processor::new(
+        log.clone(),
+        store.clone(),
+        config.processor.clone(),
+        watermark,
+        metrics,
+    );
+    (app, processor)
+}
+
+/// Starts the processor thread: it replays the log, turns the node ready, and applies until
+/// `stop`.
+fn spawn_processor(
+    mut processor: Processor,
+    app: Arc<AppState>,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<Result<(), String>>, String> {
+    std::thread::Builder::new()
+        .name("kairos-processor".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let replayed = processor.catch_up()?;
+            tracing::info!(
+                entries = replayed,
+                ms = started.elapsed().as_millis() as u64,
+                "log replayed; node ready"
+            );
+            app.set_ready(true);
+            let result = processor.run(stop);
+            if let Err(e) = &result {
+                // Reads would silently serve a frozen state: report the node as not ready.
+                app.set_ready(false);
+                tracing::error!(error = %e, "processor stopped");
+            }
+            result
+        })
+        .map_err(|e| format!("starting processor thread: {e}"))
 }
 
 /// Starts the thread that writes the profiles `store` changes to Redis.
