@@ -114,6 +114,10 @@ pub struct RedisSettings {
     pub batch: usize,
     /// Connect and response timeout.
     pub timeout_ms: u64,
+    /// Profiles a processor replica (`kairos process`) keeps in memory at most: beyond, the
+    /// least recently active ones already written to Redis are dropped, and loaded again from
+    /// Redis when their next event comes.
+    pub process_max_profiles: usize,
 }
 
 impl Default for RedisSettings {
@@ -124,6 +128,7 @@ impl Default for RedisSettings {
             flush_interval_ms: 10,
             batch: 500,
             timeout_ms: 2_000,
+            process_max_profiles: 1_000_000,
         }
     }
 }

@@ -339,6 +339,12 @@ impl Profiles {
         }
     }
 
+    /// Whether `key` changed since the last [`Profiles::take_changes`] (`false` when tracking
+    /// is off).
+    pub fn is_changed(&self, key: &str) -> bool {
+        self.changed.as_ref().is_some_and(|c| c.contains(key))
+    }
+
     /// Marks every key as changed (the mirror lost its copy).
     pub fn mark_all_changed(&mut self) {
         if let Some(changed) = &mut self.changed {

@@ -545,6 +545,7 @@ impl MirrorMetrics {
                 "kairos_redis_profile_bytes",
                 "Redis memory per profile (MEMORY USAGE of recently written profiles, averaged).",
             ),
+
         }
     }
 }
@@ -600,6 +601,7 @@ pub fn run_mirror(
         if let (Ok(f), Some(durable)) = (&flushed, &mut on_durable) {
             durable(f.epoch, &f.offsets, stopping);
         }
+
         if stopping {
             let synced = flushed.is_ok() && !resync_pending;
             if let Err(e) = &flushed {
@@ -674,6 +676,18 @@ fn flush(
     metrics: &MirrorMetrics,
 ) -> RedisResult<Flushed> {
     let taken = store.take_for_mirror();
+    let result = write_taken(redis, store, metrics, taken);
+    store.mirror_done();
+    result
+}
+
+/// Writes what [`EmbeddedStore::take_for_mirror`] took.
+fn write_taken(
+    redis: &mut RedisProfiles,
+    store: &EmbeddedStore,
+    metrics: &MirrorMetrics,
+    taken: crate::store::MirrorTake,
+) -> RedisResult<Flushed> {
     let keys: Vec<Box<str>> = taken.keys.into_iter().collect();
     metrics.pending.set(keys.len() as i64);
     // Links first: a profile written with the checkpoint of the event that linked it must not

@@ -163,6 +163,9 @@ pub struct GroupView {
     /// Per partition, the incarnation of its profiles in Redis (the value of its marker there):
     /// written with every profile, and profiles of an older one are not loaded.
     pub tokens: Vec<u64>,
+    /// Profile keys the mirror has taken and is writing: not yet in Redis, though no longer
+    /// marked changed.
+    pub in_flight: rustc_hash::FxHashSet<Box<str>>,
 }
 
 /// Result of applying one entry.

@@ -167,12 +167,55 @@ impl EmbeddedStore {
             Some(g) => (std::mem::take(&mut g.new_links), g.epoch),
             None => (Vec::new(), 0),
         };
+        let keys = state.users.take_changes();
+        if let Some(g) = &mut state.group {
+            g.in_flight = keys.clone();
+        }
         MirrorTake {
-            keys: state.users.take_changes(),
+            keys,
             links,
             offsets: state.checkpoint.offsets.clone(),
             epoch,
         }
+    }
+
+    /// The mirror is done with what it took: written, or marked changed again.
+    pub fn mirror_done(&self) {
+        if let Some(g) = &mut self.write().group {
+            g.in_flight.clear();
+        }
+    }
+
+    /// In a processor group's state (see `GroupView`), whose profiles live in Redis: drops from
+    /// memory, least recently active first, profiles whose every change a mirror has written
+    /// (neither changed since its last take nor in the flush under way), until at most `keep`
+    /// remain. Nothing happens while at most `keep + keep / 10` are held, so that this runs once
+    /// per tenth of `keep` new profiles, not at every one. Returns the keys dropped.
+    pub fn evict_copied_profiles(&self, keep: usize) -> Vec<Box<str>> {
+        let keep = keep.max(1);
+        if self.read().users.len() <= keep + keep / 10 {
+            return Vec::new();
+        }
+        let mut state = self.write();
+        let state = &mut *state;
+        let (Some(group), held) = (&state.group, state.users.len()) else {
+            return Vec::new();
+        };
+        let mut idle: Vec<(i64, Box<str>)> = state
+            .users
+            .iter()
+            .filter(|(k, _)| !state.users.is_changed(k) && !group.in_flight.contains(*k))
+            .map(|(k, p)| (p.last_seen, k.into()))
+            .collect();
+        let excess = held.saturating_sub(keep);
+        if idle.len() > excess {
+            idle.select_nth_unstable_by_key(excess, |(seen, _)| *seen);
+            idle.truncate(excess);
+        }
+        for (_, key) in &idle {
+            state.users.forget(key);
+        }
+        idle.into_iter().map(|(_, k)| k).collect()
     }
 
     /// Puts back links a mirror took and could not copy.

@@ -26,6 +26,15 @@
 //! a write) leaves each event counted once: `tests/it/group.rs` kills a replica under load and
 //! checks every profile's counts against the acknowledged events.
 //!
+//! ## Memory
+//! A replica holds at most `[redis] process_max_profiles` profiles. Beyond, before a batch is
+//! admitted, it drops the least recently active ones whose every change is in Redis: not changed
+//! since the Redis thread's last take, and not in the write under way
+//! ([`EmbeddedStore::evict_copied_profiles`]). It does so on the thread that applies, so that a
+//! profile cannot go between its load and its events' apply; it is loaded again, with its fence,
+//! at its next event. (Dropped while its write was still under way, a profile would come back
+//! from Redis without its last events: the group test loses events that way.)
+//!
 //! ## Redis losing the profiles
 //! Each partition has a marker in Redis holding its incarnation. A replica checks the markers of
 //! its partitions every second ([`RedisPartitioning::lost`]); a missing one means Redis lost
@@ -88,6 +97,9 @@ pub struct RedisPartitioning {
     fenced: Arc<Counter>,
     admitted: Arc<Counter>,
     rebuilds: Arc<Counter>,
+    evicted: Arc<Counter>,
+    /// Profiles held in memory at most (`[redis] process_max_profiles`).
+    max_profiles: usize,
 }
 
 /// How often a replica checks that Redis still has its partitions' markers.
@@ -101,6 +113,7 @@ impl RedisPartitioning {
         log: Arc<dyn EventLog>,
         redis: RedisProfiles,
         commit_lock: Arc<Mutex<()>>,
+        max_profiles: usize,
         stop: Arc<AtomicBool>,
         registry: &Registry,
     ) -> RedisPartitioning {
@@ -129,6 +142,12 @@ impl RedisPartitioning {
             admitted: registry.counter(
                 "kairos_group_events_applied_total",
                 "Events of its own partitions a processor replica applied (catalogue entries, which every replica applies, not included).",
+                &[],
+            ),
+            max_profiles,
+            evicted: registry.counter(
+                "kairos_group_profiles_evicted_total",
+                "Profiles a processor replica dropped from memory, already in Redis, to hold at most process_max_profiles.",
                 &[],
             ),
             rebuilds: registry.counter(
@@ -199,6 +218,13 @@ impl Partitioning for RedisPartitioning {
         entries: &mut Vec<(LogPosition, LogEntry)>,
         owned: &[bool],
     ) -> Result<(), String> {
+        // Here, on the thread that applies: a profile dropped between its load below and its
+        // events' apply would start again empty.
+        let evicted = self.store.evict_copied_profiles(self.max_profiles);
+        for key in &evicted {
+            self.fences.remove(key);
+        }
+        self.evicted.add(evicted.len() as u64);
         let owns = |pos: &LogPosition| owned.get(pos.partition as usize).copied() == Some(true);
         let missing: Vec<String> = {
             let state = self.store.read();

@@ -214,6 +214,7 @@ impl Node {
             log.clone(),
             RedisProfiles::new(&url, config.redis.clone())?.owned_by(owner.clone()),
             commit_lock.clone(),
+            config.redis.process_max_profiles,
             stop.clone(),
             &registry,
         );

@@ -157,16 +157,26 @@ enum Fault {
     RedisRestartedEmpty,
 }
 
+/// With room for 40 of the 200 profiles in each replica's memory: profiles are dropped and
+/// loaded again all along.
 #[test]
 fn a_replica_killed_under_load_hands_its_partitions_over_and_nothing_counts_twice() {
-    replicas_under(Fault::KillThenJoin, Redis::Single(RedisServer::start()));
+    replicas_under(
+        Fault::KillThenJoin,
+        Redis::Single(RedisServer::start()),
+        Some(40),
+    );
 }
 
 /// The same against a Redis Cluster of three masters: a batch's profiles are loaded, and its
 /// links written, in pipelines that span the masters.
 #[test]
 fn replicas_share_partitions_exactly_once_on_redis_cluster() {
-    replicas_under(Fault::KillThenJoin, Redis::Cluster(RedisCluster::start()));
+    replicas_under(
+        Fault::KillThenJoin,
+        Redis::Cluster(RedisCluster::start()),
+        None,
+    );
 }
 
 #[test]
@@ -174,10 +184,12 @@ fn replicas_rebuild_what_redis_lost_from_the_log() {
     replicas_under(
         Fault::RedisRestartedEmpty,
         Redis::Single(RedisServer::start()),
+        None,
     );
 }
 
-fn replicas_under(fault: Fault, mut redis: Redis) {
+/// `max_profiles`: the replicas' `process_max_profiles`.
+fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
     let broker = KafkaBroker::start();
     let root = TempDir::new("group");
     let topic = root
@@ -196,6 +208,7 @@ fn replicas_under(fault: Fault, mut redis: Redis) {
         ("KAIROS_REDIS__PREFIX", topic.clone()),
     ]
     .into_iter()
+    .chain(max_profiles.map(|n| ("KAIROS_REDIS__PROCESS_MAX_PROFILES", n.to_string())))
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let dir = |name: &str| {
@@ -404,6 +417,11 @@ fn replicas_under(fault: Fault, mut redis: Redis) {
             .sum()
     };
     let fenced = total("kairos_group_events_fenced_total");
+    if max_profiles.is_some() {
+        let evicted = total("kairos_group_profiles_evicted_total");
+        assert!(evicted > 0, "no profile was dropped from memory");
+        eprintln!("{evicted} profiles dropped from memory and loaded again");
+    }
     if fault == Fault::RedisRestartedEmpty {
         let rebuilt = total("kairos_group_partition_rebuilds_total");
         assert!(rebuilt >= 4, "only {rebuilt} partitions rebuilt");
