@@ -16,6 +16,24 @@ use tower::ServiceExt;
 use kairos::config::{self, Config};
 use kairos::node::Node;
 
+/// Makes the child of `cmd` die with the test that starts it. Servers are stopped when their
+/// guards drop, but a test binary killed by a signal (a timeout, ^C) drops nothing, and its
+/// brokers and Redis servers would outlive it. The kernel sends the signal when the *thread*
+/// that started the child ends: every test starts its servers on its own thread.
+pub fn dies_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the forked child before exec; prctl(2) is async-signal-safe and nothing
+    // here allocates.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -81,7 +99,7 @@ impl Server {
     /// Runs `kairos <command>` on `data_dir` with `env` (`KAIROS_*` settings) and waits until it
     /// reports ready. Snapshots every second, so that a kill finds one recent.
     pub fn start(command: &str, data_dir: &Path, env: &[(String, String)]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kairos"))
+        let mut child = dies_with_test(&mut Command::new(env!("CARGO_BIN_EXE_kairos")))
             .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("KAIROS_LOG_LEVEL", "warn")
@@ -153,7 +171,7 @@ impl KafkaBroker {
         {
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
-            let mut child = Command::new(&bin)
+            let mut child = dies_with_test(&mut Command::new(&bin))
                 .args(["broker", "--listener-url", &url])
                 .args(["--advertised-listener-url", &url])
                 .args(["--storage-engine", "memory://tansu/"])
@@ -255,7 +273,8 @@ impl RedisServer {
 
     fn spawn(port: u16, dir: &Path, mode: RedisMode) -> Option<Child> {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        dies_with_test(&mut cmd)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--protected-mode", "no"])
             .arg("--dir")
             .arg(dir)
