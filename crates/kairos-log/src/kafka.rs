@@ -48,16 +48,15 @@
 //! The window semantics of the embedded log (see the `dedup` module) apply twice: the producer
 //! reports a retry of an id it delivered recently as [`AppendOutcome::Duplicate`] without sending
 //! it, and the consumer drops a record whose id it read recently from the same partition, so two
-//! copies sent at once, or by two ingest processes, are applied once. An append whose record the consumer dropped is
-//! answered as a duplicate whether the broker's delivery report or the consumer's fetch comes
-//! first (the consumer remembers its verdicts on the last `RECENT_STAMPS` records of each
-//! partition). Both windows live in memory (the producer's holds
-//! at most a million ids, the consumer's `dedup_max_entries`, split evenly among the partitions).
-//! After a restart the
-//! consumer refills its window by reading back (without applying) up to `dedup_restore_records`
-//! records per partition before the state's checkpoint, so a retry of an event from shortly
-//! before a crash is still recognised; a retry of an older one (beyond that many records of its
-//! partition) is applied again.
+//! copies sent at once, or by two ingest processes, are applied once. An append whose record the
+//! consumer dropped is answered as a duplicate whether the broker's delivery report or the
+//! consumer's fetch comes first (the consumer remembers its verdicts on the last
+//! `RECENT_STAMPS` records of each partition). Both windows live in memory (the producer's holds
+//! at most a million ids, the consumer's `dedup_max_entries`, split evenly among the
+//! partitions). After a restart the consumer refills its window by reading back (without
+//! applying) up to `dedup_restore_records` records per partition before the state's checkpoint,
+//! so a retry of an event from shortly before a crash is still recognised; a retry of an older
+//! one (beyond that many records of its partition) is applied again.
 //!
 //! ## Consumer groups
 //!
@@ -504,7 +503,32 @@ impl ProducerContext for Delivery {
     }
 }
 
+/// What the consumer thread does with a record it fetched (see [`PartitionFetch::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// Not for the run being read: no run, a run asked for after the record was fetched, or a
+    /// record the run already has.
+    Drop,
+    /// Before the run's start: it only refills the dedup window.
+    Refill,
+    /// The run's next record.
+    Take,
+}
+
 impl PartitionFetch {
+    /// Where the record at `offset`, just fetched, belongs.
+    fn place(&self, offset: u64) -> Placement {
+        match self.run_start {
+            None => Placement::Drop,
+            // Fetched under the assignment before the current run was asked for.
+            Some(_) if self.assigned_run != self.run => Placement::Drop,
+            Some(start) if offset < start => Placement::Refill,
+            // Already fetched in this run.
+            Some(_) if offset < self.fetched_to => Placement::Drop,
+            Some(_) => Placement::Take,
+        }
+    }
+
     fn new(dedup: DedupSet) -> PartitionFetch {
         PartitionFetch {
             run_start: None,
@@ -951,24 +975,17 @@ fn fetch_loop(consumer: BaseConsumer, topic: &str, shared: &Shared, max_buffered
                 let Some(pf) = partitions.get_mut(partition as usize) else {
                     continue;
                 };
-                let dedup = &mut pf.dedup;
-                let Some(run_start) = pf.run_start else {
-                    continue;
-                };
-                if pf.assigned_run != pf.run {
-                    continue;
-                }
-                if offset < run_start {
-                    // Read back only to refill the dedup window.
-                    if dedup_id != 0 && !dedup.is_duplicate(dedup_id) {
-                        dedup.record_appended(dedup_id, timestamp_ms);
+                match pf.place(offset) {
+                    Placement::Drop => continue,
+                    Placement::Refill => {
+                        if dedup_id != 0 && !pf.dedup.is_duplicate(dedup_id) {
+                            pf.dedup.record_appended(dedup_id, timestamp_ms);
+                        }
+                        continue;
                     }
-                    continue;
+                    Placement::Take => {}
                 }
-                // A record from before a reposition, still in flight.
-                if offset < pf.fetched_to {
-                    continue;
-                }
+                let dedup = &mut pf.dedup;
                 pf.fetched_to = offset + 1;
                 let duplicate = dedup_id != 0 && dedup.is_duplicate(dedup_id);
                 let seq = if duplicate {
@@ -1361,6 +1378,33 @@ mod tests {
                 .collect(),
             ..PartitionFetch::new(DedupSet::new(0, 0))
         }
+    }
+
+    /// A record the consumer polled for the old position of a partition, and placed after a
+    /// read asked for a new run, is not taken for that run: it would move `fetched_to` past the
+    /// run's own records, which would then all be dropped as already fetched. (A processor that
+    /// takes a partition over rewinds it below where it had read; the group test lost events
+    /// this way.)
+    #[test]
+    fn a_record_fetched_for_the_previous_run_is_not_taken_for_the_next() {
+        let mut pf = PartitionFetch::new(DedupSet::new(0, 0));
+        pf.run_start = Some(100);
+        pf.fetched_to = 100;
+        assert_eq!(pf.place(99), Placement::Refill);
+        assert_eq!(pf.place(100), Placement::Take);
+        pf.fetched_to = 500;
+        assert_eq!(pf.place(400), Placement::Drop);
+        // A rewind to 100 and a read there: a new run, not assigned yet.
+        pf.run += 1;
+        pf.run_start = Some(100);
+        pf.fetched_to = 100;
+        assert_eq!(pf.place(500), Placement::Drop, "a record of the old run");
+        // Once the consumer thread has assigned the new position.
+        pf.assigned_run = pf.run;
+        assert_eq!(pf.place(50), Placement::Refill);
+        assert_eq!(pf.place(100), Placement::Take);
+        pf.run_start = None;
+        assert_eq!(pf.place(100), Placement::Drop);
     }
 
     /// A delivery report that arrives after the consumer fetched its record gets the consumer's
