@@ -100,6 +100,7 @@ pub struct RedisPartitioning {
     evicted: Arc<Counter>,
     /// Profiles held in memory at most (`[redis] process_max_profiles`).
     max_profiles: usize,
+    misplaced_reported: bool,
 }
 
 /// How often a replica checks that Redis still has its partitions' markers.
@@ -145,6 +146,7 @@ impl RedisPartitioning {
                 &[],
             ),
             max_profiles,
+            misplaced_reported: false,
             evicted: registry.counter(
                 "kairos_group_profiles_evicted_total",
                 "Profiles a processor replica dropped from memory, already in Redis, to hold at most process_max_profiles.",
@@ -253,12 +255,15 @@ impl Partitioning for RedisPartitioning {
             let Some(key) = profile_key(e) else {
                 return true;
             };
-            if partition_of(&key, self.partitions) != pos.partition {
+            if partition_of(&key, self.partitions) != pos.partition && !self.misplaced_reported {
+                // Produced by a client with another partitioner: its profile gets two writers,
+                // and the fences no longer make a takeover exact. Said once, not per event.
                 tracing::error!(
                     key,
                     partition = pos.partition,
-                    "an event is not in the partition of its profile key"
+                    "an event is not in the partition of its profile key: events must be produced keyed by user id (else anonymous id) with the murmur2 partitioner"
                 );
+                self.misplaced_reported = true;
             }
             let stored = self
                 .fences
