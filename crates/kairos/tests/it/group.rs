@@ -4,6 +4,7 @@
 //! counts each acknowledged event of its key exactly once, and every identity link is there.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,6 +56,26 @@ struct Batch {
     events: Vec<Value>,
     effects: Vec<(String, Expected)>,
     links: Vec<(String, String)>,
+}
+
+/// Waits until `owner` owns every partition, then starts a replica on `data_dir` and waits until
+/// the group has split the partitions between the two.
+fn join_replica(owner: &Server, data_dir: &Path, env: &[(String, String)]) -> Server {
+    wait_until(
+        "one replica owns every partition",
+        Duration::from_secs(60),
+        || owned(&owner.addr) == 4,
+    );
+    let joined = Server::start("process", data_dir, env);
+    wait_until(
+        "the replicas split the partitions",
+        Duration::from_secs(60),
+        || {
+            let (a, b) = (owned(&owner.addr), owned(&joined.addr));
+            a > 0 && b > 0 && a + b == 4
+        },
+    );
+    joined
 }
 
 /// Batch `n` of client `c`: views, purchases and page views of logged-in users, anonymous
@@ -218,21 +239,7 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
     };
     let ingest = Server::start("ingest", &dir("ingest"), &env);
     let first = Server::start("process", &dir("a"), &env);
-    // The second replica joins once the first owns the topic: the group then splits it.
-    wait_until(
-        "the first replica owns every partition",
-        Duration::from_secs(60),
-        || owned(&first.addr) == 4,
-    );
-    let second = Server::start("process", &dir("b"), &env);
-    wait_until(
-        "the replicas split the partitions",
-        Duration::from_secs(60),
-        || {
-            let (a, b) = (owned(&first.addr), owned(&second.addr));
-            a > 0 && b > 0 && a + b == 4
-        },
-    );
+    let second = join_replica(&first, &dir("b"), &env);
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -305,20 +312,7 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
             // the group's session timeout passes, then gives some to a newcomer (a rebalance
             // without a crash: the survivor may still be writing profiles of partitions it just
             // lost).
-            wait_until(
-                "the survivor owns every partition",
-                Duration::from_secs(60),
-                || owned(&survivor.addr) == 4,
-            );
-            let newcomer = Server::start("process", &dir("c"), &env);
-            wait_until(
-                "the survivor and the newcomer split the partitions",
-                Duration::from_secs(60),
-                || {
-                    let (b, c) = (owned(&survivor.addr), owned(&newcomer.addr));
-                    b > 0 && c > 0 && b + c == 4
-                },
-            );
+            let newcomer = join_replica(&survivor, &dir("c"), &env);
             vec![survivor, newcomer]
         }
         Fault::RedisRestartedEmpty => {
