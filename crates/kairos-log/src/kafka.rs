@@ -529,6 +529,16 @@ impl PartitionFetch {
         }
     }
 
+    /// Ends the current fetch run: a new run number, and what was buffered for the old run
+    /// dropped. Returns how many records were dropped (for the `buffered` count).
+    fn end_run(&mut self) -> usize {
+        let dropped = self.buffer.len();
+        self.buffer.clear();
+        self.run += 1;
+        self.at_end = false;
+        dropped
+    }
+
     fn new(dedup: DedupSet) -> PartitionFetch {
         PartitionFetch {
             run_start: None,
@@ -1174,16 +1184,13 @@ impl EventLog for KafkaLog {
         // Reads below `read_from` were refused above.
         let continues = pf.run_start.is_some() && from_offset <= pf.fetched_to;
         if !continues {
-            *buffered -= pf.buffer.len();
-            pf.buffer.clear();
-            pf.run += 1;
+            *buffered -= pf.end_run();
             pf.run_start = Some(from_offset);
             pf.fetched_to = from_offset;
             pf.read_from = from_offset;
             pf.warm_from = from_offset
                 .saturating_sub(self.dedup_restore_records)
                 .max(self.start_offsets[partition as usize]);
-            pf.at_end = false;
             *reposition = true;
             drop(fetch);
             self.shared.consumed.notify_all();
@@ -1321,11 +1328,8 @@ impl EventLog for KafkaLog {
         let mut fetch = lock(&self.shared.fetch);
         let (window_ms, entries) = (fetch.dedup_window_ms, fetch.dedup_entries_per_partition);
         let pf = &mut fetch.partitions[partition as usize];
-        let dropped = pf.buffer.len();
-        pf.buffer.clear();
+        let dropped = pf.end_run();
         pf.run_start = None;
-        pf.run += 1;
-        pf.at_end = false;
         pf.dedup = DedupSet::new(window_ms, entries);
         fetch.buffered -= dropped;
         fetch.reposition = true;

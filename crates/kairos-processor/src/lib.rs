@@ -233,6 +233,18 @@ pub trait Partitioning: Send {
     fn rebuild(&mut self, partitions: &[(u32, u64)]) -> Result<(), String>;
 }
 
+/// Has the processor read each partition of `resume` again from its offset: the log forgets
+/// where it was read (see [`EventLog::rewind`]), and `offsets`, the processor's read positions,
+/// go back.
+fn rewind(log: &dyn EventLog, offsets: &mut [u64], resume: &[(u32, u64)]) -> Result<(), String> {
+    for &(p, from) in resume {
+        log.rewind(p)
+            .map_err(|e| format!("rewinding partition {p}: {e}"))?;
+        offsets[p as usize] = from;
+    }
+    Ok(())
+}
+
 /// A processor's share of the partitions (see [`Partitioning`]).
 struct Share {
     partitioning: std::sync::Mutex<Box<dyn Partitioning>>,
@@ -347,15 +359,12 @@ impl Processor {
             }
         };
         let starts = self.log.start_offsets();
-        let mut resume = Vec::with_capacity(gained.len());
-        for (&p, committed) in gained.iter().zip(committed) {
-            let from = committed.unwrap_or(0).max(starts[p as usize]);
-            self.log
-                .rewind(p)
-                .map_err(|e| format!("rewinding partition {p}: {e}"))?;
-            self.offsets[p as usize] = from;
-            resume.push((p, from));
-        }
+        let resume: Vec<(u32, u64)> = gained
+            .iter()
+            .zip(committed)
+            .map(|(&p, committed)| (p, committed.unwrap_or(0).max(starts[p as usize])))
+            .collect();
+        rewind(self.log.as_ref(), &mut self.offsets, &resume)?;
         share
             .partitioning
             .lock()
@@ -386,15 +395,8 @@ impl Processor {
             return Ok(());
         }
         let starts = self.log.start_offsets();
-        let mut resume = Vec::with_capacity(lost.len());
-        for p in lost {
-            let from = starts[p as usize];
-            self.log
-                .rewind(p)
-                .map_err(|e| format!("rewinding partition {p}: {e}"))?;
-            self.offsets[p as usize] = from;
-            resume.push((p, from));
-        }
+        let resume: Vec<(u32, u64)> = lost.iter().map(|&p| (p, starts[p as usize])).collect();
+        rewind(self.log.as_ref(), &mut self.offsets, &resume)?;
         partitioning.rebuild(&resume)
     }
 

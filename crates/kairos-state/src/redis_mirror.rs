@@ -269,12 +269,13 @@ impl RedisProfiles {
         let docs: Vec<(String, Vec<u8>, u32, u64)> = profiles
             .iter()
             .map(|(key, stored)| {
-                let part = self.owner.as_ref().map_or(0, |of| of(key) + 1);
-                let token = part
-                    .checked_sub(1)
+                let partition = self.owner.as_ref().map(|of| of(key));
+                let token = partition
                     .and_then(|p| tokens.get(p as usize))
                     .copied()
                     .unwrap_or(0);
+                // The script's ARGV[5]: 1 + the partition, 0 for none.
+                let part = partition.map_or(0, |p| p + 1);
                 (self.key(key), stored.encode(), part, token)
             })
             .collect();
@@ -336,11 +337,7 @@ impl RedisProfiles {
         else {
             return Ok(None);
         };
-        let offsets = String::from_utf8_lossy(f)
-            .split(',')
-            .filter_map(|o| o.parse().ok())
-            .collect();
-        Ok(StoredProfile::decode(doc).map(|p| (p, offsets)))
+        Ok(StoredProfile::decode(doc).map(|p| (p, parse_fence(f))))
     }
 
     /// What Redis holds for each of `profile_keys`, in one pipelined round trip: the profile
@@ -385,11 +382,7 @@ impl RedisProfiles {
                 if token < tokens.get(partition).copied().unwrap_or(0) {
                     return None;
                 }
-                let offset = String::from_utf8_lossy(f)
-                    .split(',')
-                    .nth(partition)
-                    .and_then(|o| o.parse().ok())
-                    .unwrap_or(0);
+                let offset = parse_fence(f).get(partition).copied().unwrap_or(0);
                 StoredProfile::decode(doc).map(|p| (p, offset))
             })
             .collect())
@@ -489,6 +482,14 @@ impl RedisProfiles {
             _ => None,
         })
     }
+}
+
+/// The offsets of a stored fence (`f`), as [`fence`] wrote them.
+fn parse_fence(f: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(f)
+        .split(',')
+        .map(|o| o.parse().unwrap_or(0))
+        .collect()
 }
 
 fn fence(offsets: &[u64]) -> String {
@@ -772,5 +773,6 @@ mod tests {
         assert_eq!(r.channel(), "kairos:changed");
         assert_eq!(fence(&[]), "0");
         assert_eq!(fence(&[3, 0, 12]), "3,0,12");
+        assert_eq!(parse_fence(fence(&[3, 0, 12]).as_bytes()), [3, 0, 12]);
     }
 }

@@ -163,14 +163,14 @@ impl EmbeddedStore {
     /// epoch) below which every change is among them.
     pub fn take_for_mirror(&self) -> MirrorTake {
         let mut state = self.write();
+        let keys = state.users.take_changes();
         let (links, epoch) = match &mut state.group {
-            Some(g) => (std::mem::take(&mut g.new_links), g.epoch),
+            Some(g) => {
+                g.in_flight = keys.clone();
+                (std::mem::take(&mut g.new_links), g.epoch)
+            }
             None => (Vec::new(), 0),
         };
-        let keys = state.users.take_changes();
-        if let Some(g) = &mut state.group {
-            g.in_flight = keys.clone();
-        }
         MirrorTake {
             keys,
             links,

@@ -55,7 +55,9 @@ use kairos_log::EventLog;
 use kairos_processor::Partitioning;
 use kairos_state::portable::StoredProfile;
 use kairos_state::redis_mirror::{OnDurable, RedisProfiles};
-use kairos_state::{anonymous_key, user_key, EmbeddedStore, GroupView, LogPosition, StateStore};
+use kairos_state::{
+    anonymous_key, user_key, EmbeddedStore, GroupView, LogPosition, State, StateStore,
+};
 use kairos_types::metrics::{Counter, Registry};
 use kairos_types::{Event, LogEntry};
 
@@ -85,9 +87,6 @@ pub struct RedisPartitioning {
     /// Shared with [`commit_durable`].
     commit_lock: Arc<Mutex<()>>,
     last_marker_check: Option<Instant>,
-    /// Of the partitions [`Partitioning::lost`] last returned, those the group never committed
-    /// an offset for: starting, not lost.
-    fresh: HashSet<u32>,
     partitions: u32,
     /// Per profile loaded from Redis, the offset of its partition below which its events are in
     /// the stored profile (only where that is above 0).
@@ -126,7 +125,6 @@ impl RedisPartitioning {
             redis,
             commit_lock,
             last_marker_check: None,
-            fresh: HashSet::new(),
             partitions,
             fences: HashMap::new(),
             stop,
@@ -174,20 +172,10 @@ impl RedisPartitioning {
             .as_ref()
             .map(|g| g.tokens.clone())
             .unwrap_or_default();
-        let mut backoff = Duration::from_millis(50);
-        let found = loop {
-            match self.redis.load(&refs, &of, &tokens) {
-                Ok(found) => break found,
-                Err(e) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        return Err(format!("reading profiles from Redis: {e}"));
-                    }
-                    tracing::warn!(error = %e, "reading profiles from Redis failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
-        };
+        let redis = &mut self.redis;
+        let found = until_answered(&self.stop, "reading profiles from Redis", || {
+            redis.load(&refs, &of, &tokens)
+        })?;
         let mut state = self.store.write();
         for (key, found) in keys.iter().zip(found) {
             tracing::debug!(key, found = ?found.as_ref().map(|(p, o)| (matches!(p, StoredProfile::Profile(_)), o)), "profile loaded");
@@ -287,13 +275,13 @@ impl Partitioning for RedisPartitioning {
         let commit_lock = self.commit_lock.clone();
         let _commits = lock(&commit_lock);
         let forgotten = self.forget(gained, released);
-        if let Some(group) = &mut self.store.write().group {
+        {
+            let mut state = self.store.write();
+            let group = group_view(&mut state, self.partitions);
             group.generation = generation;
             // Learnt from the partitions' markers by the next `lost`, which runs at once.
             for &(p, _) in gained {
-                if let Some(t) = group.tokens.get_mut(p as usize) {
-                    *t = 0;
-                }
+                group.tokens[p as usize] = 0;
             }
         }
         self.last_marker_check = None;
@@ -322,8 +310,7 @@ impl Partitioning for RedisPartitioning {
             }
         };
         let mut state = self.store.write();
-        let group = state.group.get_or_insert_with(GroupView::default);
-        group.tokens.resize(self.partitions as usize, 0);
+        let group = group_view(&mut state, self.partitions);
         let mut lost = Vec::new();
         for (&p, found) in owned.iter().zip(found) {
             let mine = &mut group.tokens[p as usize];
@@ -340,21 +327,16 @@ impl Partitioning for RedisPartitioning {
                 Some(_) => {}
             }
         }
-        drop(state);
-        // Missing where the group never committed an offset either: a first start, not a loss.
-        self.fresh = match self.log.committed_offsets(&lost) {
-            Ok(committed) => lost
-                .iter()
-                .zip(committed)
-                .filter(|(_, c)| c.is_none())
-                .map(|(&p, _)| p)
-                .collect(),
-            Err(_) => HashSet::new(),
-        };
         Ok(lost)
     }
 
     fn rebuild(&mut self, partitions: &[(u32, u64)]) -> Result<(), String> {
+        // Missing where the group never committed an offset either: a first start, not a loss.
+        let ids: Vec<u32> = partitions.iter().map(|&(p, _)| p).collect();
+        let first_start = self
+            .log
+            .committed_offsets(&ids)
+            .is_ok_and(|committed| committed.iter().all(Option::is_none));
         let commit_lock = self.commit_lock.clone();
         let commits = lock(&commit_lock);
         let forgotten = self.forget(partitions, &[]);
@@ -363,8 +345,7 @@ impl Partitioning for RedisPartitioning {
         let now = u64::try_from(kairos_types::time::now_ms()).unwrap_or(0);
         let tokens: Vec<(u32, u64)> = {
             let mut state = self.store.write();
-            let group = state.group.get_or_insert_with(GroupView::default);
-            group.tokens.resize(self.partitions as usize, 0);
+            let group = group_view(&mut state, self.partitions);
             partitions
                 .iter()
                 .map(|&(p, _)| {
@@ -380,16 +361,14 @@ impl Partitioning for RedisPartitioning {
             .map_err(|e| format!("committing the rebuild's start: {e}"))?;
         drop(commits);
         for (p, token) in tokens {
-            let mut backoff = Duration::from_millis(50);
-            while let Err(e) = self.redis.set_partition_token(p, token) {
-                if self.stop.load(Ordering::Acquire) {
-                    return Err(format!("marking partition {p} in Redis: {e}"));
-                }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
+            let redis = &mut self.redis;
+            until_answered(
+                &self.stop,
+                &format!("marking partition {p} in Redis"),
+                || redis.set_partition_token(p, token),
+            )?;
         }
-        if partitions.iter().all(|(p, _)| self.fresh.contains(p)) {
+        if first_start {
             tracing::info!(partitions = ?partitions, "profiles of these partitions start in Redis");
         } else {
             tracing::warn!(
@@ -437,13 +416,41 @@ impl RedisPartitioning {
             }
             offsets[p as usize] = from;
         }
-        let group = state.group.get_or_insert_with(GroupView::default);
+        let group = group_view(state, partitions);
         group.epoch += 1;
         // Links of these partitions are made again by whoever applies their events.
         group
             .new_links
             .retain(|(_, user)| !moved.contains(&partition_of(user, partitions)));
         forget.len()
+    }
+}
+
+/// The state's group view, with an incarnation slot for each of the log's `partitions`.
+fn group_view(state: &mut State, partitions: u32) -> &mut GroupView {
+    let group = state.group.get_or_insert_with(GroupView::default);
+    group.tokens.resize(partitions as usize, 0);
+    group
+}
+
+/// Runs `op` until Redis answers, with backoff, unless `stop` is set first. Events wait
+/// meanwhile: none is applied without what Redis holds for it.
+fn until_answered<T, E: std::fmt::Display>(
+    stop: &AtomicBool,
+    what: &str,
+    mut op: impl FnMut() -> Result<T, E>,
+) -> Result<T, String> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if stop.load(Ordering::Acquire) => return Err(format!("{what}: {e}")),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
     }
 }
 
