@@ -215,32 +215,40 @@ impl Partitioning for RedisPartitioning {
             self.fences.remove(key);
         }
         self.evicted.add(evicted.len() as u64);
-        let owns = |pos: &LogPosition| owned.get(pos.partition as usize).copied() == Some(true);
+        // The profile key of each event of an owned partition (`None` for the rest), worked out
+        // once for the loads and the fences below.
+        let keys: Vec<Option<String>> = entries
+            .iter()
+            .map(|(pos, entry)| match entry {
+                LogEntry::Event(e) if owned.get(pos.partition as usize) == Some(&true) => {
+                    profile_key(e)
+                }
+                _ => None,
+            })
+            .collect();
         let missing: Vec<String> = {
             let state = self.store.read();
             let mut seen = HashSet::new();
-            entries
-                .iter()
-                .filter(|(pos, _)| owns(pos))
-                .filter_map(|(_, entry)| match entry {
-                    LogEntry::Event(e) => profile_key(e),
-                    _ => None,
-                })
-                .filter(|key| !state.users.contains_key(key) && seen.insert(key.clone()))
+            keys.iter()
+                .flatten()
+                .filter(|key| !state.users.contains_key(key) && seen.insert(*key))
+                .cloned()
                 .collect()
         };
         if !missing.is_empty() {
             self.load(&missing)?;
         }
         let (mut fenced, mut admitted) = (0, 0);
+        let mut keys = keys.into_iter();
         entries.retain(|(pos, entry)| {
-            let LogEntry::Event(e) = entry else {
+            let key = keys.next().flatten();
+            let LogEntry::Event(_) = entry else {
                 return true;
             };
-            if !owns(pos) {
+            if owned.get(pos.partition as usize) != Some(&true) {
                 return false;
             }
-            let Some(key) = profile_key(e) else {
+            let Some(key) = key else {
                 return true;
             };
             if partition_of(&key, self.partitions) != pos.partition && !self.misplaced_reported {
