@@ -95,6 +95,11 @@ pub struct ApiConfig {
     /// latency then never includes the processor's lag behind other people's traffic (a burst of
     /// ingest, a cache refresh), which is what keeps it at a millisecond under load.
     pub read_others_writes_timeout_ms: u64,
+    /// How long an API replica (`kairos api`) caches an answer; it is dropped sooner when a
+    /// profile it was built from changes (see `replica`).
+    pub cache_ttl_ms: u64,
+    /// Answers an API replica caches at most.
+    pub cache_max_entries: usize,
 }
 
 impl Default for ApiConfig {
@@ -102,6 +107,8 @@ impl Default for ApiConfig {
         ApiConfig {
             read_your_writes_timeout_ms: 2000,
             read_others_writes_timeout_ms: 0,
+            cache_ttl_ms: 2000,
+            cache_max_entries: 100_000,
         }
     }
 }

@@ -19,6 +19,7 @@ mod ingest;
 mod items;
 mod pending;
 mod recommendations;
+pub mod replica;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -148,6 +149,10 @@ pub struct AppState {
     pub pending: pending::PendingWrites,
     /// False until the processor has replayed the log after start, and again during shutdown.
     pub ready: AtomicBool,
+    /// Set on an ingest node (`kairos ingest`), which has no state to check requests against.
+    pub ingest_only: AtomicBool,
+    /// Set on an API replica (`kairos api`): profiles come from Redis, answers from a cache.
+    pub replica: std::sync::OnceLock<replica::Replica>,
     rec_counter: AtomicU64,
     rec_prefix: u64,
 }
@@ -180,6 +185,8 @@ impl AppState {
             access,
             pending: pending::PendingWrites::default(),
             ready: AtomicBool::new(false),
+            replica: std::sync::OnceLock::new(),
+            ingest_only: AtomicBool::new(false),
             rec_counter: AtomicU64::new(0),
             rec_prefix,
         })
@@ -259,6 +266,29 @@ pub fn ingest_router(state: Arc<AppState>) -> Router {
         )
         .fallback(not_found_on_ingest_node);
     with_common_routes(routes, state)
+}
+
+/// The router of an API replica (`kairos api`): recommendations, profiles and catalogue reads
+/// from the model the processor replicas publish and the profiles in Redis (see [`replica`]).
+/// Events and catalogue writes go to `kairos ingest`, and every other path says so.
+pub fn api_router(state: Arc<AppState>) -> Router {
+    let routes = Router::new()
+        .route("/v1/items", get(catalog::list))
+        .route("/v1/items/{id}", get(items::get_item))
+        .route("/v1/recommendations", get(recommendations::recommend))
+        .route("/v1/profiles", get(recommendations::profile))
+        .fallback(not_found_on_api_node);
+    with_common_routes(routes, state)
+}
+
+async fn not_found_on_api_node(method: axum::http::Method, uri: axum::http::Uri) -> HttpError {
+    HttpError::new(
+        Code::RouteNotFound,
+        format!(
+            "no route for {method} {} on this node: it runs the API role only (`kairos api`), which serves reads; events and catalogue changes go to `kairos ingest` or `kairos serve`",
+            uri.path()
+        ),
+    )
 }
 
 /// The router of a processor replica (`kairos process`): health, readiness and metrics only. It

@@ -11,11 +11,16 @@ use axum::Json;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use kairos_recommend::{recommend as run, Filters, Request, Scenario};
-use kairos_state::State as EngineState;
+use kairos_recommend::{
+    recommend as run, recommend_for, Filters, Recommendation, Request, Scenario,
+};
+use kairos_state::portable::{merge_person, Person};
+use kairos_state::profile::Profile;
+use kairos_state::{anonymous_key, user_key, State as EngineState};
 use kairos_types::Code;
 
 use crate::error::{ApiResult, HttpError};
+use crate::replica::Replica;
 use crate::AppState;
 
 fn invalid(name: &str, why: &str) -> HttpError {
@@ -204,6 +209,9 @@ pub(crate) async fn recommend(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let req = parse_request(&params, app.recommend.default_k, app.recommend.max_k)?;
+    if let Some(replica) = app.replica.get() {
+        return recommend_on_replica(&app, replica, &params, &req).await;
+    }
     let ids: Vec<&str> = [req.user_id.as_deref(), req.anonymous_id.as_deref()]
         .into_iter()
         .flatten()
@@ -213,22 +221,128 @@ pub(crate) async fn recommend(
     let body = {
         let state = app.store.read();
         let rec = run(&state, &req, &app.recommend);
-        let out = RecommendationOut {
-            items: rec
-                .items
-                .iter()
-                .map(|s| ItemOut::new(&state, s.item, s.score))
-                .collect(),
-            rec_id: app.next_rec_id(),
-            scenario: rec.scenario.as_str(),
-            strategy: &rec.strategy,
-        };
-        serde_json::to_vec(&out).expect("a recommendation always serializes")
+        render(&app, &state, &rec)
     };
     if let Some(h) = app.metrics.rec_latency(req.scenario.as_str()) {
         h.observe(started.elapsed());
     }
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The JSON body of an answer, with a new `rec_id`.
+fn render(app: &AppState, state: &EngineState, rec: &Recommendation) -> Vec<u8> {
+    let out = RecommendationOut {
+        items: rec
+            .items
+            .iter()
+            .map(|s| ItemOut::new(state, s.item, s.score))
+            .collect(),
+        rec_id: app.next_rec_id(),
+        scenario: rec.scenario.as_str(),
+        strategy: &rec.strategy,
+    };
+    serde_json::to_vec(&out).expect("a recommendation always serializes")
+}
+
+/// A recommendation on an API replica (see [`crate::replica`]): from the cache, or ranked over
+/// the model with the person's profiles read from Redis.
+async fn recommend_on_replica(
+    app: &AppState,
+    replica: &Replica,
+    params: &HashMap<String, String>,
+    req: &Request,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let mut query: Vec<(&String, &String)> = params.iter().collect();
+    query.sort();
+    let cache_key = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let catalog_version = app.store.read().catalog_version();
+    let rec = match replica.cache.get(&cache_key, catalog_version) {
+        Some(rec) => rec,
+        None => {
+            let ticket = replica.cache.ticket();
+            let person =
+                read_person(replica, req.user_id.as_deref(), req.anonymous_id.as_deref()).await?;
+            let profile = person_profile(app, &person);
+            let (rec, catalog_version) = {
+                let state = app.store.read();
+                let rec = recommend_for(&state, req, profile.as_ref(), &app.recommend);
+                (Arc::new(rec), state.catalog_version())
+            };
+            replica.cache.put(
+                cache_key,
+                rec.clone(),
+                &person.keys,
+                ticket,
+                catalog_version,
+            );
+            rec
+        }
+    };
+    let body = render(app, &app.store.read(), &rec);
+    if let Some(h) = app.metrics.rec_latency(req.scenario.as_str()) {
+        h.observe(started.elapsed());
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// What Redis holds about the person named by `user_id` and/or `anonymous_id` (nothing for a
+/// request that names nobody).
+async fn read_person(
+    replica: &Replica,
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+) -> ApiResult<Person> {
+    let keys: Vec<String> = user_id
+        .map(user_key)
+        .into_iter()
+        .chain(anonymous_id.map(anonymous_key))
+        .collect();
+    if keys.is_empty() {
+        return Ok(Person::default());
+    }
+    let reader = replica.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        reader.read(&keys)
+    })
+    .await
+    .map_err(|e| HttpError::new(Code::StateUnavailable, format!("reading the profile: {e}")))?
+    .map_err(|e| {
+        HttpError::new(
+            Code::StateUnavailable,
+            format!("reading the profile from Redis failed: {e}"),
+        )
+    })
+}
+
+/// The person's profile in the replica's numbering: their profiles merged (see
+/// [`merge_person`]). Names the model does not know yet are added to it.
+fn person_profile(app: &AppState, person: &Person) -> Option<Profile> {
+    if person.profiles.is_empty() {
+        return None;
+    }
+    let known: Option<Vec<(String, Profile)>> = {
+        let state = app.store.read();
+        person
+            .profiles
+            .iter()
+            .map(|(k, p)| p.import_known(&state).map(|p| (k.clone(), p)))
+            .collect()
+    };
+    let profiles = match known {
+        Some(profiles) => profiles,
+        None => person
+            .profiles
+            .iter()
+            .filter_map(|(k, p)| app.store.import_profile(p).map(|p| (k.clone(), p)))
+            .collect(),
+    };
+    merge_person(profiles, person.user.as_deref(), &app.store.read().config)
 }
 
 /// A profile as JSON (for debugging, golden tests and integrations).
@@ -243,6 +357,16 @@ pub(crate) async fn profile(
             Code::MissingParameter,
             "give `user_id` or `anonymous_id`",
         ));
+    }
+    if let Some(replica) = app.replica.get() {
+        let person = read_person(replica, user_id.as_deref(), anonymous_id.as_deref()).await?;
+        let key = person.user.clone().or_else(|| person.keys.first().cloned());
+        let profile = person_profile(&app, &person);
+        let state = app.store.read();
+        return Ok(Json(match profile {
+            Some(p) => profile_json(&state, key.as_deref().unwrap_or(""), &p),
+            None => json!({"key": key, "exists": false}),
+        }));
     }
     let ids: Vec<&str> = [user_id.as_deref(), anonymous_id.as_deref()]
         .into_iter()

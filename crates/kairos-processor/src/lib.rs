@@ -272,6 +272,9 @@ pub struct Processor {
     snapshot_job: Option<(SnapshotJob, Instant)>,
     maintenance: Option<Maintenance>,
     share: Option<Share>,
+    /// False for a state kept nowhere but in memory (a processor replica's, whose profiles are in
+    /// Redis; an API replica's, rebuilt from the model topic at every start).
+    snapshots: bool,
 }
 
 impl Processor {
@@ -310,17 +313,24 @@ impl Processor {
             snapshot_job: None,
             maintenance: None,
             share: None,
+            snapshots: true,
         }
     }
 
     /// Makes this processor one of a group sharing the log's partitions (see [`Partitioning`]).
     /// It owns nothing until the log reports an assignment.
     pub fn set_partitioning(&mut self, partitioning: Box<dyn Partitioning>) {
+        self.snapshots = false;
         self.share = Some(Share {
             partitioning: std::sync::Mutex::new(partitioning),
             owned: vec![false; self.log.partition_count() as usize],
             generation: 0,
         });
+    }
+
+    /// Never snapshots the state: for a state kept only in memory (an API replica's).
+    pub fn without_snapshots(&mut self) {
+        self.snapshots = false;
     }
 
     /// Takes up a change of the group's assignment: partitions gained are re-read from the
@@ -629,7 +639,7 @@ impl Processor {
     }
 
     fn snapshot_due(&self) -> bool {
-        if self.since_snapshot == 0 || self.snapshot_job.is_some() || self.share.is_some() {
+        if self.since_snapshot == 0 || self.snapshot_job.is_some() || !self.snapshots {
             return false;
         }
         let by_time = self.config.snapshot_interval_secs > 0
@@ -661,7 +671,7 @@ impl Processor {
         }
         self.finish_snapshot(true);
         self.catch_up()?;
-        if self.since_snapshot > 0 && self.share.is_none() {
+        if self.since_snapshot > 0 && self.snapshots {
             self.snapshot()?;
         }
         Ok(())

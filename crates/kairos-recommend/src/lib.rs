@@ -332,8 +332,19 @@ fn select(
 
 /// Recommends for `req` over `state`.
 pub fn recommend(state: &State, req: &Request, cfg: &RecommendConfig) -> Recommendation {
-    let k = req.k.clamp(1, cfg.max_k.max(1));
     let profile = state.profile(req.user_id.as_deref(), req.anonymous_id.as_deref());
+    recommend_for(state, req, profile, cfg)
+}
+
+/// Recommends for `req` over the model of `state`, for the person whose profile is `profile`
+/// (an API replica reads it from Redis; its state holds no profiles).
+pub fn recommend_for(
+    state: &State,
+    req: &Request,
+    profile: Option<&Profile>,
+    cfg: &RecommendConfig,
+) -> Recommendation {
+    let k = req.k.clamp(1, cfg.max_k.max(1));
     let item = req.item_id.as_deref().and_then(|id| state.item_index(id));
     let category = req
         .category

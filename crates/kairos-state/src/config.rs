@@ -14,6 +14,19 @@ pub struct EventWeights {
     pub purchase: f32,
 }
 
+impl EventWeights {
+    /// The weight of an interaction of kind `action`.
+    pub fn of(&self, action: crate::profile::Action) -> f32 {
+        use crate::profile::Action;
+        match action {
+            Action::View => self.view,
+            Action::Click => self.click,
+            Action::Cart => self.cart,
+            Action::Purchase => self.purchase,
+        }
+    }
+}
+
 impl Default for EventWeights {
     fn default() -> Self {
         EventWeights {

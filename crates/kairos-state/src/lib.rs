@@ -17,6 +17,8 @@ pub mod portable;
 pub mod profile;
 #[cfg(feature = "redis")]
 pub mod redis_mirror;
+#[cfg(feature = "redis")]
+pub mod redis_reader;
 pub mod session_model;
 pub mod state;
 pub mod store;

@@ -123,21 +123,7 @@ impl PortableProfile {
     /// The profile in `state`'s numbering, interning names `state` has not seen yet. `None` when
     /// the stored profile refers past its own tables (a corrupt value).
     pub fn import(&self, state: &mut State) -> Option<Profile> {
-        let in_range = |p: &Profile| {
-            let items = self.items.len() as u32;
-            p.recent.iter().all(|i| i.item < items)
-                && p.cart.iter().all(|l| l.0 < items)
-                && p.purchased.iter().all(|&i| i < items)
-                && p.categories
-                    .entries
-                    .iter()
-                    .all(|e| (e.0 as usize) < self.categories.len())
-                && p.brands
-                    .entries
-                    .iter()
-                    .all(|e| (e.0 as usize) < self.brands.len())
-        };
-        if !in_range(&self.profile) {
+        if !self.in_range() {
             return None;
         }
         let items: Vec<u32> = self.items.iter().map(|n| state.intern_item(n)).collect();
@@ -154,6 +140,81 @@ impl PortableProfile {
             |b| brands[b as usize],
         ))
     }
+
+    /// The profile in `state`'s numbering, without changing `state`: `None` when it names an
+    /// item, category or brand `state` does not know yet (then [`import`](Self::import) it), or
+    /// is corrupt.
+    pub fn import_known(&self, state: &State) -> Option<Profile> {
+        if !self.in_range() {
+            return None;
+        }
+        let items: Option<Vec<u32>> = self.items.iter().map(|n| state.items.get(n)).collect();
+        let categories: Option<Vec<u32>> = self
+            .categories
+            .iter()
+            .map(|n| state.categories.get(n))
+            .collect();
+        let brands: Option<Vec<u32>> = self.brands.iter().map(|n| state.brands.get(n)).collect();
+        let (items, categories, brands) = (items?, categories?, brands?);
+        Some(remap(
+            &self.profile,
+            |i| items[i as usize],
+            |c| categories[c as usize],
+            |b| brands[b as usize],
+        ))
+    }
+
+    /// Whether every reference of the profile is within its own tables.
+    fn in_range(&self) -> bool {
+        let in_range = |p: &Profile| {
+            let items = self.items.len() as u32;
+            p.recent.iter().all(|i| i.item < items)
+                && p.cart.iter().all(|l| l.0 < items)
+                && p.purchased.iter().all(|&i| i < items)
+                && p.categories
+                    .entries
+                    .iter()
+                    .all(|e| (e.0 as usize) < self.categories.len())
+                && p.brands
+                    .entries
+                    .iter()
+                    .all(|e| (e.0 as usize) < self.brands.len())
+        };
+        in_range(&self.profile)
+    }
+}
+
+/// What Redis holds about one person (`RedisProfiles::read_person`): the profiles of their keys,
+/// which a processor group links instead of merging.
+#[derive(Debug, Default)]
+pub struct Person {
+    /// Every profile key read (whether it held a profile or not): what an answer built from
+    /// them depends on.
+    pub keys: Vec<String>,
+    /// The user key the person is known as, if any.
+    pub user: Option<String>,
+    /// The profiles found, by key, in the order read.
+    pub profiles: Vec<(String, PortableProfile)>,
+}
+
+/// One person's profile from the profiles of their keys (a processor group links identities
+/// instead of merging them, see `GroupView` in the state): the user key's profile, when there is
+/// one, with every other merged into it, in key order.
+pub fn merge_person(
+    mut profiles: Vec<(String, Profile)>,
+    user: Option<&str>,
+    cfg: &crate::StateConfig,
+) -> Option<Profile> {
+    profiles.sort_by(|a, b| {
+        let first = |k: &str| Some(k) != user;
+        first(&a.0).cmp(&first(&b.0)).then_with(|| a.0.cmp(&b.0))
+    });
+    let mut profiles = profiles.into_iter();
+    let (_, mut person) = profiles.next()?;
+    for (_, other) in profiles {
+        person.merge_from(&other, cfg);
+    }
+    Some(person)
 }
 
 impl State {

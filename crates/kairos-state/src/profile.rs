@@ -9,6 +9,8 @@ use std::collections::VecDeque;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use kairos_types::LearnedAction;
+
 use crate::config::StateConfig;
 use crate::decay::TopList;
 
@@ -20,6 +22,28 @@ pub enum Action {
     Click = 1,
     Cart = 2,
     Purchase = 3,
+}
+
+impl From<LearnedAction> for Action {
+    fn from(a: LearnedAction) -> Action {
+        match a {
+            LearnedAction::View => Action::View,
+            LearnedAction::Click => Action::Click,
+            LearnedAction::Cart => Action::Cart,
+            LearnedAction::Purchase => Action::Purchase,
+        }
+    }
+}
+
+impl From<Action> for LearnedAction {
+    fn from(a: Action) -> LearnedAction {
+        match a {
+            Action::View => LearnedAction::View,
+            Action::Click => LearnedAction::Click,
+            Action::Cart => LearnedAction::Cart,
+            Action::Purchase => LearnedAction::Purchase,
+        }
+    }
 }
 
 /// One remembered interaction.

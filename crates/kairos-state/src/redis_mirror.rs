@@ -55,7 +55,8 @@ use redis::{Cmd, RedisResult, Value};
 use kairos_types::metrics::{Counter, Gauge, Registry};
 
 use crate::config::RedisSettings;
-use crate::portable::StoredProfile;
+use crate::portable::{Person, StoredProfile};
+use crate::state::State;
 use crate::store::{EmbeddedStore, StateStore};
 
 /// Where Redis is: one server, or the seed nodes of a cluster.
@@ -153,6 +154,16 @@ end
 redis.call('HSET', KEYS[1], 'd', ARGV[1], 'f', ARGV[2], 't', ARGV[6])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
+redis.call('PUBLISH', ARGV[4], KEYS[1])
+return 1
+";
+
+/// Sets one field of a profile's hash (ARGV[1] = ARGV[2]), renews its TTL (ARGV[3] seconds, 0
+/// for none) and publishes the key on the change channel (ARGV[4]).
+const LINK_SCRIPT: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 redis.call('PUBLISH', ARGV[4], KEYS[1])
 return 1
 ";
@@ -388,26 +399,87 @@ impl RedisProfiles {
             .collect())
     }
 
-    /// Records identity links (`l` of the linked key: the key it joined), each in the linked
-    /// key's own hash, so that no write spans two profiles' slots.
+    /// Records identity links: `l` of the linked key (the key it joined), and `m:<linked key>`
+    /// of the key it joined, so that a reader finds a person's profiles from either. Each write
+    /// names one key, so that none spans two profiles' slots; both keys are published on the
+    /// change channel, for caches.
     pub fn write_links(&mut self, links: &[(Box<str>, Box<str>)]) -> RedisResult<()> {
         if links.is_empty() {
             return Ok(());
         }
         let ttl = self.settings.profile_ttl_secs;
+        let channel = self.channel();
         let mut cmds = Vec::with_capacity(links.len() * 2);
         for (from, to) in links {
-            let key = self.key(from);
-            let mut set = redis::cmd("HSET");
-            set.arg(&key).arg("l").arg(to.as_ref());
-            cmds.push(set);
-            if ttl > 0 {
-                let mut expire = redis::cmd("EXPIRE");
-                expire.arg(&key).arg(ttl);
-                cmds.push(expire);
+            for (key, field, value) in [
+                (self.key(from), "l".to_owned(), to.as_ref()),
+                (self.key(to), format!("{MEMBER_FIELD}{from}"), "1"),
+            ] {
+                // A script, because a cluster pipeline cannot route a bare PUBLISH.
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(LINK_SCRIPT)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(field)
+                    .arg(value)
+                    .arg(ttl)
+                    .arg(&channel);
+                cmds.push(cmd);
             }
         }
         self.run(cmds).map(drop)
+    }
+
+    /// Everything Redis holds about one person, named by a profile key or two (`u:<userId>`,
+    /// `a:<anonymousId>`), for a reader (an API replica): their profiles, following the links a
+    /// processor group records instead of merging (see `GroupView` in the state). From an
+    /// anonymous key it goes to the user key it was linked to, and from a user key to every key
+    /// linked to it: at most three pipelined round trips, one when nothing is linked.
+    pub fn read_person(&mut self, keys: &[&str]) -> RedisResult<Person> {
+        let mut person = Person::default();
+        let mut next: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+        for _ in 0..3 {
+            next.retain(|k| !person.keys.contains(k));
+            next.dedup();
+            if next.is_empty() {
+                break;
+            }
+            let cmds = next
+                .iter()
+                .map(|k| {
+                    let mut cmd = redis::cmd("HGETALL");
+                    cmd.arg(self.key(k));
+                    cmd
+                })
+                .collect();
+            let values = self.run(cmds)?;
+            let mut found = Vec::new();
+            for (key, value) in next.drain(..).zip(values) {
+                let fields = hash_fields(value);
+                for (field, v) in &fields {
+                    if field == "l" {
+                        let user = String::from_utf8_lossy(v).into_owned();
+                        person.user.get_or_insert_with(|| user.clone());
+                        found.push(user);
+                    } else if let Some(linked) = field.strip_prefix(MEMBER_FIELD) {
+                        found.push(linked.to_owned());
+                    }
+                }
+                if key.starts_with("u:") {
+                    person.user.get_or_insert_with(|| key.clone());
+                }
+                if let Some(StoredProfile::Profile(p)) = fields
+                    .iter()
+                    .find(|(f, _)| f == "d")
+                    .and_then(|(_, d)| StoredProfile::decode(d))
+                {
+                    person.profiles.push((key.clone(), *p));
+                }
+                person.keys.push(key);
+            }
+            next = found;
+        }
+        Ok(person)
     }
 
     /// The key `profile_key` was linked to (its `l` field), if any.
@@ -484,6 +556,35 @@ impl RedisProfiles {
     }
 }
 
+/// The field prefix of a user key's hash naming a key linked to it (see
+/// [`RedisProfiles::write_links`]).
+const MEMBER_FIELD: &str = "m:";
+
+/// The fields of an `HGETALL` answer (empty when the key is absent).
+fn hash_fields(value: Value) -> Vec<(String, Vec<u8>)> {
+    let pairs = match value {
+        Value::Map(pairs) => pairs,
+        Value::Array(flat) => {
+            let mut it = flat.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| match (k, v) {
+            (Value::BulkString(k), Value::BulkString(v)) => {
+                Some((String::from_utf8_lossy(&k).into_owned(), v))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The offsets of a stored fence (`f`), as [`fence`] wrote them.
 fn parse_fence(f: &[u8]) -> Vec<u64> {
     String::from_utf8_lossy(f)
@@ -557,6 +658,11 @@ impl MirrorMetrics {
 /// there (see `kairos process`).
 pub type OnDurable = Box<dyn FnMut(u64, &[u64], bool) + Send>;
 
+/// Publishes model updates for the API replicas (a processor group's model topic), returning
+/// once they are durable there. Called before [`OnDurable`]: offsets are committed only after
+/// the updates of the entries below them are published.
+pub type Publish = Box<dyn FnMut(&[kairos_types::ModelBatch]) -> Result<(), String> + Send>;
+
 /// Writes the profiles `store` changes to Redis until `stop` is set, then once more, so that a
 /// clean shutdown leaves Redis current. Returns whether it did: every change written and the
 /// marker in place (see [`SYNCED_FILE`]).
@@ -566,7 +672,12 @@ pub fn run_mirror(
     metrics: MirrorMetrics,
     stop: Arc<AtomicBool>,
     mut on_durable: Option<OnDurable>,
+    publish: Option<Publish>,
 ) -> bool {
+    let mut publisher = Publisher {
+        publish,
+        unsent: Vec::new(),
+    };
     let interval = Duration::from_millis(redis.settings.flush_interval_ms.max(1));
     let mut last_check: Option<Instant> = None;
     let mut last_sample: Option<Instant> = None;
@@ -598,7 +709,7 @@ pub fn run_mirror(
                 }
             }
         }
-        let flushed = flush(&mut redis, &store, &metrics);
+        let flushed = flush(&mut redis, &store, &metrics, &mut publisher);
         if let (Ok(f), Some(durable)) = (&flushed, &mut on_durable) {
             durable(f.epoch, &f.offsets, stopping);
         }
@@ -641,7 +752,58 @@ pub fn run_mirror(
                     }
                 }
             }
-            Err(e) => fail(&metrics, &mut backoff, &e),
+            Err(FlushError::Redis(e)) => fail(&metrics, &mut backoff, &e),
+            Err(FlushError::Publish(e)) => {
+                tracing::warn!(error = %e, batches = publisher.unsent.len(), "publishing model updates failed; retrying");
+                backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Publishes the model updates a processor replica records (see [`Publish`]).
+struct Publisher {
+    publish: Option<Publish>,
+    /// Taken from the state and not yet published, oldest first: after a failed publish they go
+    /// again, ahead of newer ones, so that each partition's stay in order.
+    unsent: Vec<kairos_types::ModelBatch>,
+}
+
+impl Publisher {
+    /// Publishes `taken` after whatever is left from earlier attempts.
+    fn publish(&mut self, mut taken: Vec<kairos_types::ModelBatch>) -> Result<(), FlushError> {
+        self.unsent.append(&mut taken);
+        let Some(publish) = &mut self.publish else {
+            self.unsent.clear();
+            return Ok(());
+        };
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        publish(&self.unsent).map_err(FlushError::Publish)?;
+        self.unsent.clear();
+        Ok(())
+    }
+}
+
+/// Why a flush stopped.
+#[derive(Debug)]
+enum FlushError {
+    Redis(redis::RedisError),
+    Publish(String),
+}
+
+impl From<redis::RedisError> for FlushError {
+    fn from(e: redis::RedisError) -> FlushError {
+        FlushError::Redis(e)
+    }
+}
+
+impl std::fmt::Display for FlushError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FlushError::Redis(e) => write!(f, "{e}"),
+            FlushError::Publish(e) => f.write_str(e),
         }
     }
 }
@@ -670,25 +832,34 @@ struct Flushed {
     epoch: u64,
 }
 
-/// Writes every profile (and identity link) changed since the last flush.
+/// Writes every profile (and identity link) changed since the last flush, and publishes the model
+/// updates recorded since.
 fn flush(
     redis: &mut RedisProfiles,
     store: &EmbeddedStore,
     metrics: &MirrorMetrics,
-) -> RedisResult<Flushed> {
+    publisher: &mut Publisher,
+) -> Result<Flushed, FlushError> {
     let taken = store.take_for_mirror();
-    let result = write_taken(redis, store, metrics, taken);
+    let result = write_taken(redis, store, metrics, taken, publisher);
     store.mirror_done();
     result
 }
 
 /// Writes what [`EmbeddedStore::take_for_mirror`] took.
+///
+/// In a processor group, the model updates recorded up to the moment each chunk of profiles is
+/// read are published before the chunk is written: whatever a profile in Redis reflects, the
+/// updates its events made are on the model topic. A replica that takes the partition over skips
+/// the events the profile reflects (its fence) and publishes nothing for them, so the other order
+/// would lose them when a replica dies between the two writes.
 fn write_taken(
     redis: &mut RedisProfiles,
     store: &EmbeddedStore,
     metrics: &MirrorMetrics,
     taken: crate::store::MirrorTake,
-) -> RedisResult<Flushed> {
+    publisher: &mut Publisher,
+) -> Result<Flushed, FlushError> {
     let keys: Vec<Box<str>> = taken.keys.into_iter().collect();
     metrics.pending.set(keys.len() as i64);
     // Links first: a profile written with the checkpoint of the event that linked it must not
@@ -696,14 +867,15 @@ fn write_taken(
     if let Err(e) = redis.write_links(&taken.links) {
         store.requeue_links(taken.links);
         store.mark_profiles_changed_again(keys);
-        return Err(e);
+        return Err(e.into());
     }
     let batch = redis.settings.batch.max(1);
     let mut sampled = None;
     for (n, chunk) in keys.chunks(batch).enumerate() {
-        // Profiles and the checkpoint they reflect, read together under one short read lock.
-        let (profiles, offsets, tokens) = {
-            let state = store.read();
+        // Profiles and the checkpoint they reflect, read together under one short lock, with
+        // the model updates recorded so far when they are published (which takes them, so the
+        // lock is exclusive then; readers of a single node are not held up otherwise).
+        let read = |state: &State| {
             let profiles: Vec<(Box<str>, StoredProfile)> = chunk
                 .iter()
                 .filter_map(|k| state.stored_profile(k).map(|p| (k.clone(), p)))
@@ -715,6 +887,16 @@ fn write_taken(
                 .unwrap_or_default();
             (profiles, state.checkpoint.offsets.clone(), tokens)
         };
+        let ((profiles, offsets, tokens), model) = if publisher.publish.is_some() {
+            let mut state = store.write();
+            (read(&state), crate::store::take_model(&mut state))
+        } else {
+            (read(&store.read()), Vec::new())
+        };
+        if let Err(e) = publisher.publish(model) {
+            store.mark_profiles_changed_again(keys[n * batch..].iter().cloned());
+            return Err(e);
+        }
         match redis.write(&profiles, &offsets, &tokens) {
             Ok(report) => {
                 metrics.written.add(report.written);
@@ -726,9 +908,14 @@ fn write_taken(
             }
             Err(e) => {
                 store.mark_profiles_changed_again(keys[n * batch..].iter().cloned());
-                return Err(e);
+                return Err(e.into());
             }
         }
+    }
+    // The updates of entries that changed no profile (catalogue changes), and of everything
+    // applied since the last chunk: published before the checkpoint taken above is committed.
+    if publisher.publish.is_some() {
+        publisher.publish(crate::store::take_model(&mut store.write()))?;
     }
     Ok(Flushed {
         sampled,

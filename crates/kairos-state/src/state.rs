@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use kairos_types::{stable_hash64, Event, EventKind, Item, LogEntry};
+use kairos_types::{stable_hash64, Event, EventKind, Item, LogEntry, ModelBatch, ModelOp};
 
 use crate::config::StateConfig;
 use crate::intern::Interner;
@@ -138,6 +138,11 @@ pub struct State {
     /// process`); see [`GroupView`].
     #[serde(skip)]
     pub group: Option<GroupView>,
+    /// In an API replica (`kairos api`), which applies the model updates processor replicas
+    /// publish: per events-topic partition, the offset after the last entry whose updates it
+    /// applied (see [`State::apply_model`]).
+    #[serde(skip)]
+    pub model_applied: Vec<u64>,
 }
 
 /// How a state in a processor replica differs (`kairos process`, a Kafka consumer group).
@@ -166,6 +171,16 @@ pub struct GroupView {
     /// Profile keys the mirror has taken and is writing: not yet in Redis, though no longer
     /// marked changed.
     pub in_flight: rustc_hash::FxHashSet<Box<str>>,
+    /// Whether to record the model updates of what is applied, for the API replicas (see
+    /// [`kairos_types::model`]); the mirror publishes them.
+    pub publish_model: bool,
+    /// Which partitions the replica owns, as of the batch being applied: catalogue entries are
+    /// applied by every replica and published by the owner of their partition only.
+    pub owned: Vec<bool>,
+    /// The position of the entry being applied.
+    pub applying: (u32, u64),
+    /// Model updates recorded and not yet taken by the mirror: position, update.
+    pub model_ops: Vec<(u32, u64, ModelOp)>,
 }
 
 /// Result of applying one entry.
@@ -215,6 +230,7 @@ impl State {
             counters: StateCounters::default(),
             caches: Caches::default(),
             group: None,
+            model_applied: Vec::new(),
         }
     }
 
@@ -223,9 +239,83 @@ impl State {
         if self.checkpoint.covers(&pos) {
             return Applied::Skipped;
         }
+        if let Some(group) = self.group.as_mut().filter(|g| g.publish_model) {
+            group.applying = (pos.partition, pos.offset);
+            let owned = group.owned.get(pos.partition as usize) == Some(&true);
+            if owned && matches!(entry, LogEntry::ItemUpsert(_) | LogEntry::ItemDelete { .. }) {
+                self.publish(ModelOp::Catalog(entry.encode()));
+            }
+        }
         self.apply_entry(entry, true);
         self.checkpoint.advance(&pos);
         Applied::Applied
+    }
+
+    /// Whether what is applied is recorded as model updates (see [`GroupView::publish_model`]).
+    fn publishing(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.publish_model)
+    }
+
+    fn publish(&mut self, op: ModelOp) {
+        if let Some(group) = &mut self.group {
+            let (partition, offset) = group.applying;
+            group.model_ops.push((partition, offset, op));
+        }
+    }
+
+    /// Applies model updates a processor replica published (an API replica's state, which holds
+    /// the model and no profile). Entries at or below the last one applied of their partition
+    /// are skipped: a replica that took a partition over publishes them again.
+    pub fn apply_model(&mut self, batch: &ModelBatch) {
+        let p = batch.partition as usize;
+        if self.model_applied.len() <= p {
+            self.model_applied.resize(p + 1, 0);
+        }
+        for (offset, ops) in &batch.entries {
+            if *offset < self.model_applied[p] {
+                continue;
+            }
+            for op in ops {
+                self.apply_model_op(op);
+            }
+            self.model_applied[p] = offset + 1;
+        }
+        self.clock = self.clock.max(batch.clock);
+    }
+
+    fn apply_model_op(&mut self, op: &ModelOp) {
+        match op {
+            ModelOp::Learn {
+                item,
+                category,
+                brand,
+                price,
+                action,
+                ts,
+                previous,
+                session_key,
+            } => {
+                let item = self.intern_item(item);
+                self.learn_facts(item, category.as_deref(), brand.as_deref(), *price);
+                let previous: Vec<u32> = previous.iter().map(|n| self.intern_item(n)).collect();
+                self.counters.events_applied += 1;
+                self.learn(item, Action::from(*action), *ts, &previous, *session_key);
+            }
+            ModelOp::Bought { item, others, ts } => {
+                let item = self.intern_item(item);
+                let others: Vec<u32> = others.iter().map(|n| self.intern_item(n)).collect();
+                self.relate_bought(item, &others, *ts);
+            }
+            ModelOp::Catalog(record) => match LogEntry::decode(record) {
+                Ok(entry @ (LogEntry::ItemUpsert(_) | LogEntry::ItemDelete { .. })) => {
+                    self.apply_entry(&entry, true)
+                }
+                Ok(_) => tracing::warn!("a model update's catalogue change holds another entry"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable catalogue change in a model update")
+                }
+            },
+        }
     }
 
     /// Applies an entry without a log position. With `learn == false` only the profile changes:
@@ -244,6 +334,7 @@ impl State {
                     self.counters.catalog_deletes += 1;
                 }
             }
+            LogEntry::Model(batch) => self.apply_model(batch),
         }
     }
 
@@ -432,7 +523,7 @@ impl State {
                         .collect();
                     profile.cart_add(item, p.quantity as f32, cfg);
                     if learn {
-                        self.relate_bought(item, &others, 1.0, e.timestamp);
+                        self.relate_bought(item, &others, e.timestamp);
                     }
                 }
             }
@@ -464,7 +555,7 @@ impl State {
                             .filter(|&(j, _)| j != i)
                             .map(|(_, &b)| b)
                             .collect();
-                        self.relate_bought(a, &others, 1.0, e.timestamp);
+                        self.relate_bought(a, &others, e.timestamp);
                     }
                 }
             }
@@ -472,7 +563,19 @@ impl State {
         }
     }
 
-    fn relate_bought(&mut self, item: u32, others: &[u32], weight: f32, ts: i64) {
+    /// Relates `item` and each of `others` as bought (or carted) together.
+    fn relate_bought(&mut self, item: u32, others: &[u32], ts: i64) {
+        if self.publishing() {
+            self.publish(ModelOp::Bought {
+                item: self.items.name(item).to_owned(),
+                others: others
+                    .iter()
+                    .map(|&o| self.items.name(o).to_owned())
+                    .collect(),
+                ts,
+            });
+        }
+        let weight = 1.0;
         let (h, cap) = (
             self.config.relation_half_life_ms(),
             self.config.max_bought_together,
@@ -497,34 +600,9 @@ impl State {
         learn: bool,
     ) -> u32 {
         let item = self.intern_item(&p.id);
-        // Behaviour teaches the item's category, brand and price until the catalogue says otherwise.
-        let category = p.category.as_deref().map(|c| self.categories.intern(c));
-        let brand = p.brand.as_deref().map(|b| self.brands.intern(b));
-        {
-            let data = &mut self.item_data[item as usize];
-            let from_catalog = data.catalog.is_some();
-            if !from_catalog {
-                if let Some(c) = category {
-                    if !data.categories.contains(&c) {
-                        data.categories = vec![c];
-                    }
-                }
-                if brand.is_some() {
-                    data.brand = brand;
-                }
-                if let Some(price) = p.price {
-                    data.price = Some(price as f32);
-                }
-                self.facets[item as usize] = ItemFacets::of(data);
-            }
-        }
+        self.learn_facts(item, p.category.as_deref(), p.brand.as_deref(), p.price);
         let cfg = &self.config;
-        let w = match action {
-            Action::View => cfg.weights.view,
-            Action::Click => cfg.weights.click,
-            Action::Cart => cfg.weights.cart,
-            Action::Purchase => cfg.weights.purchase,
-        };
+        let w = cfg.weights.of(action);
         let data = &self.item_data[item as usize];
         let profile = self.users.get_mut(key).expect("profile exists");
         let session = profile.session_no;
@@ -558,6 +636,58 @@ impl State {
         if !learn {
             return item;
         }
+        if self.publishing() {
+            self.publish(ModelOp::Learn {
+                item: p.id.clone(),
+                category: p.category.clone(),
+                brand: p.brand.clone(),
+                price: p.price,
+                action: action.into(),
+                ts,
+                previous: previous
+                    .iter()
+                    .map(|&i| self.items.name(i).to_owned())
+                    .collect(),
+                session_key,
+            });
+        }
+        self.learn(item, action, ts, &previous, session_key);
+        item
+    }
+
+    /// Behaviour teaches an item's category, brand and price until the catalogue says otherwise.
+    fn learn_facts(
+        &mut self,
+        item: u32,
+        category: Option<&str>,
+        brand: Option<&str>,
+        price: Option<f64>,
+    ) {
+        let category = category.map(|c| self.categories.intern(c));
+        let brand = brand.map(|b| self.brands.intern(b));
+        let data = &mut self.item_data[item as usize];
+        if data.catalog.is_some() {
+            return;
+        }
+        if let Some(c) = category {
+            if !data.categories.contains(&c) {
+                data.categories = vec![c];
+            }
+        }
+        if brand.is_some() {
+            data.brand = brand;
+        }
+        if let Some(price) = price {
+            data.price = Some(price as f32);
+        }
+        self.facets[item as usize] = ItemFacets::of(data);
+    }
+
+    /// What an interaction teaches the model: the item's statistics, its co-visitation with the
+    /// session's `previous` items (most recent first), and the session model.
+    fn learn(&mut self, item: u32, action: Action, ts: i64, previous: &[u32], session_key: u64) {
+        let cfg = &self.config;
+        let w = cfg.weights.of(action);
         let counted = match action {
             Action::View | Action::Click => Counted::View,
             Action::Cart => Counted::Cart,
@@ -577,7 +707,6 @@ impl State {
                 .add(prev, weight * 0.5, ts, rh, cap);
         }
         self.sessions.observe(session_key, item, ts, w);
-        item
     }
 
     /// Changes whenever the catalogue changes (an upsert or a delete), so cached lists that are
@@ -678,6 +807,72 @@ mod tests {
                 prop_assert_eq!(s.users.get("u:u").map(|p| p.counters.product_views), Some(views));
                 prop_assert!(s.counters.merges <= 1);
             }
+        }
+    }
+
+    /// The model parts of a state (what an API replica holds), in a comparable form.
+    fn model_of(s: &State) -> Vec<Vec<u8>> {
+        vec![
+            postcard::to_allocvec(&s.items).unwrap(),
+            postcard::to_allocvec(&s.item_data).unwrap(),
+            postcard::to_allocvec(&s.facets).unwrap(),
+            postcard::to_allocvec(&s.categories).unwrap(),
+            postcard::to_allocvec(&s.brands).unwrap(),
+            postcard::to_allocvec(&s.sessions).unwrap(),
+            postcard::to_allocvec(&s.clock).unwrap(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// A processor replica owning every partition records model updates as it applies; a
+        /// state fed only those updates (an API replica) holds the same model, also when every
+        /// batch arrives twice and when a takeover publishes a stretch again.
+        #[test]
+        fn published_model_updates_rebuild_the_same_model(
+            ops in proptest::collection::vec((0u8..7, 0u8..4, 0u8..6, 0u32..2), 1..80),
+            replay_from in 0usize..80,
+        ) {
+            let mut group = State::new(StateConfig::default());
+            group.group = Some(GroupView {
+                publish_model: true,
+                owned: vec![true, true],
+                ..GroupView::default()
+            });
+            let mut offsets = [0u64; 2];
+            let mut recorded = Vec::new();
+            for (n, &(kind, user, item, partition)) in ops.iter().enumerate() {
+                let ts = 1_000_000 + n as i64 * 60_000;
+                let (u, i) = (format!("u{user}"), format!("i{item}"));
+                let entry = match kind {
+                    0 | 1 => event(CallType::Track, "product_view", Some(&u), None, &i, ts),
+                    2 => event(CallType::Track, "add_to_cart", Some(&u), None, &i, ts),
+                    3 => event(CallType::Track, "purchase", Some(&u), None, &i, ts),
+                    4 => event(CallType::Track, "click", None, Some(&u), &i, ts),
+                    5 => LogEntry::ItemUpsert(Item::from_json(&json!({
+                        "id": i, "categories": [format!("c{user}")], "brand": "b", "price": 3.0
+                    })).unwrap()),
+                    _ => LogEntry::ItemDelete { id: i, timestamp: ts },
+                };
+                let p = partition as usize;
+                let pos = LogPosition { partition, offset: offsets[p], seq: n as u64 + 1 };
+                offsets[p] += 1;
+                group.apply(pos, &entry);
+                let taken = std::mem::take(&mut group.group.as_mut().unwrap().model_ops);
+                recorded.push(crate::store::model_batches_for_tests(taken, group.clock));
+            }
+            let batches: Vec<ModelBatch> = recorded.iter().flatten().cloned().collect();
+            let mut api = State::new(StateConfig::default());
+            for batch in &batches {
+                api.apply_model(batch);
+                api.apply_model(batch);
+            }
+            // A takeover: everything from some point on is published again.
+            for batch in recorded.iter().skip(replay_from).flatten() {
+                api.apply_model(batch);
+            }
+            prop_assert_eq!(model_of(&api), model_of(&group));
         }
     }
 

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use crate::config::StateConfig;
+use crate::profile::Profile;
 use crate::state::{Applied, Checkpoint, LogPosition, State, StateMemory};
 use kairos_types::LogEntry;
 
@@ -96,6 +97,10 @@ pub trait StateStore: Send + Sync + 'static {
         Ok(SnapshotJob::finished(self.snapshot()))
     }
     fn stats(&self) -> StateStats;
+    /// A profile read from outside (an API replica's, from Redis) in the state's numbering,
+    /// adding the item, category and brand names the state does not know yet; `None` for a
+    /// corrupt one.
+    fn import_profile(&self, profile: &crate::portable::PortableProfile) -> Option<Profile>;
 }
 
 /// See [`EmbeddedStore::take_for_mirror`].
@@ -106,6 +111,66 @@ pub struct MirrorTake {
     pub offsets: Vec<u64>,
     /// The group epoch of `offsets` (see `GroupView::epoch`).
     pub epoch: u64,
+}
+
+/// The model updates `state` recorded since the last call (see `GroupView::publish_model`), at
+/// most [`MODEL_BATCH_ENTRIES`] entries per batch, each partition's in order.
+pub fn take_model(state: &mut State) -> Vec<kairos_types::ModelBatch> {
+    let clock = state.clock;
+    match &mut state.group {
+        Some(g) if !g.model_ops.is_empty() => {
+            model_batches(std::mem::take(&mut g.model_ops), clock)
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Entries per published model batch at most, which keeps a batch's record well below a
+/// broker's default message size limit (1 MB).
+pub const MODEL_BATCH_ENTRIES: usize = 500;
+
+/// [`model_batches`], for the state's tests.
+#[cfg(test)]
+pub(crate) fn model_batches_for_tests(
+    ops: Vec<(u32, u64, kairos_types::ModelOp)>,
+    clock: i64,
+) -> Vec<kairos_types::ModelBatch> {
+    model_batches(ops, clock)
+}
+
+/// Groups recorded model updates (position, update; in apply order) into batches per partition.
+fn model_batches(
+    ops: Vec<(u32, u64, kairos_types::ModelOp)>,
+    clock: i64,
+) -> Vec<kairos_types::ModelBatch> {
+    let mut batches: Vec<kairos_types::ModelBatch> = Vec::new();
+    // The batch each partition is filling, as an index in `batches`.
+    let mut filling: rustc_hash::FxHashMap<u32, usize> = Default::default();
+    for (partition, offset, op) in ops {
+        let at = match filling.get(&partition) {
+            Some(&i)
+                if batches[i].entries.len() < MODEL_BATCH_ENTRIES
+                    || batches[i].entries.last().is_some_and(|(o, _)| *o == offset) =>
+            {
+                i
+            }
+            _ => {
+                batches.push(kairos_types::ModelBatch {
+                    partition,
+                    clock,
+                    entries: Vec::new(),
+                });
+                filling.insert(partition, batches.len() - 1);
+                batches.len() - 1
+            }
+        };
+        let entries = &mut batches[at].entries;
+        match entries.last_mut() {
+            Some((o, ops)) if *o == offset => ops.push(op),
+            _ => entries.push((offset, vec![op])),
+        }
+    }
+    batches
 }
 
 /// In-memory state with snapshot files under `<data_dir>/state`.
@@ -255,6 +320,10 @@ impl StateStore for EmbeddedStore {
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn import_profile(&self, profile: &crate::portable::PortableProfile) -> Option<Profile> {
+        profile.import(&mut self.write())
     }
 
     fn snapshot(&self) -> Result<SnapshotInfo, StateError> {

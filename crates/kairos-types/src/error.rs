@@ -95,6 +95,7 @@ codes! {
     Overloaded => "overloaded", System, 429, "The event log has more data waiting for the disk than `event_log.max_pending_mib`; nothing of the request was acknowledged. Retry after the `Retry-After` seconds.";
     LogUnavailable => "log_unavailable", System, 503, "The event log could not make the events durable; nothing of the request was acknowledged. Retry.";
     NotReady => "not_ready", System, 503, "The node is starting or shutting down.";
+    StateUnavailable => "state_unavailable", System, 503, "An API replica (`kairos api`) could not read the profiles from Redis. Retry.";
 }
 
 /// An error as returned over HTTP: `{"message","code","type","link"}`.

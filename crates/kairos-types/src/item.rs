@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ApiError, Code};
 use crate::event::{CallType, Event, RawObject, MAX_ID_LEN};
+use crate::model::ModelBatch;
 
 /// A catalogue item as upserted with `PUT /v1/items`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,7 +88,12 @@ impl Item {
 pub enum LogEntry {
     Event(Event),
     ItemUpsert(Item),
-    ItemDelete { id: String, timestamp: i64 },
+    ItemDelete {
+        id: String,
+        timestamp: i64,
+    },
+    /// Model updates a processor replica published (the model topic; see [`crate::model`]).
+    Model(ModelBatch),
 }
 
 impl LogEntry {
@@ -97,6 +103,7 @@ impl LogEntry {
             LogEntry::Event(e) => e.partition_key(),
             LogEntry::ItemUpsert(item) => &item.id,
             LogEntry::ItemDelete { id, .. } => id,
+            LogEntry::Model(_) => "model",
         }
     }
 
@@ -132,8 +139,14 @@ impl LogEntry {
                 id: id.as_str().into(),
                 timestamp: *timestamp,
             },
+            LogEntry::Model(batch) => Wire::Model(Cow::Borrowed(batch)),
         };
         encode_wire(&wire)
+    }
+
+    /// The record bytes of `LogEntry::Model(batch)`, without a copy of the batch.
+    pub fn encode_model(batch: &ModelBatch) -> Vec<u8> {
+        encode_wire(&Wire::Model(Cow::Borrowed(batch)))
     }
 
     /// Whether `bytes` (a record written by [`encode`](Self::encode)) holds an event, read from
@@ -179,6 +192,7 @@ impl LogEntry {
                 id: id.into_owned(),
                 timestamp,
             },
+            Wire::Model(batch) => LogEntry::Model(batch.into_owned()),
         })
     }
 }
@@ -215,6 +229,7 @@ enum Wire<'a> {
         id: Cow<'a, str>,
         timestamp: i64,
     },
+    Model(Cow<'a, ModelBatch>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -281,6 +296,49 @@ mod tests {
                 .code,
             Code::InvalidItem
         );
+    }
+
+    #[test]
+    fn a_model_batch_round_trips_as_a_log_record() {
+        use crate::model::{LearnedAction, ModelOp};
+        let delete = LogEntry::ItemDelete {
+            id: "gone".into(),
+            timestamp: 9,
+        };
+        let entry = LogEntry::Model(ModelBatch {
+            partition: 3,
+            clock: 1_000,
+            entries: vec![
+                (
+                    41,
+                    vec![ModelOp::Learn {
+                        item: "p1".into(),
+                        category: Some("shoes".into()),
+                        brand: None,
+                        price: Some(9.5),
+                        action: LearnedAction::Cart,
+                        ts: 1_000,
+                        previous: vec!["p0".into()],
+                        session_key: 77,
+                    }],
+                ),
+                (42, Vec::new()),
+                (
+                    43,
+                    vec![
+                        ModelOp::Bought {
+                            item: "p1".into(),
+                            others: vec!["p2".into()],
+                            ts: 1_000,
+                        },
+                        ModelOp::Catalog(delete.encode()),
+                    ],
+                ),
+            ],
+        });
+        let bytes = entry.encode();
+        assert!(!LogEntry::is_encoded_event(&bytes));
+        assert_eq!(LogEntry::decode(&bytes).unwrap(), entry);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod error;
 pub mod event;
 pub mod item;
 pub mod metrics;
+pub mod model;
 pub mod time;
 
 pub use error::{ApiError, Code, ErrorType};
@@ -12,3 +13,4 @@ pub use event::{
     normalize, normalize_json, CallType, Event, EventKind, ProductRef, RawObject, RequestContext,
 };
 pub use item::{stable_hash64, Item, LogEntry};
+pub use model::{LearnedAction, ModelBatch, ModelOp};

@@ -1079,6 +1079,44 @@ fn recovery(
     Ok(server)
 }
 
+/// GET `paths` (round robin) at `addr` for `duration` over `connections` connections, at `rate`
+/// requests/s (open loop) or as fast as answered (closed loop): the figures as one JSON object.
+/// Fails if any request fails.
+pub fn drive(
+    addr: std::net::SocketAddr,
+    paths: Vec<String>,
+    rate: Option<f64>,
+    duration: Duration,
+    connections: usize,
+) -> Result<String, String> {
+    if paths.is_empty() {
+        return Err("no request paths to send".into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting runtime: {e}"))?;
+    let paths = Arc::new(paths);
+    let schedule = rate.map_or(Schedule::Closed, Schedule::open);
+    let mut run = runtime.block_on(load::run(
+        addr,
+        get_jobs(&paths, connections),
+        schedule,
+        Until::Deadline(Instant::now() + duration),
+    ));
+    run.check("the load run")?;
+    let l = run.latencies.summary();
+    Ok(serde_json::json!({
+        "requests": run.ok,
+        "requests_per_sec": run.requests_per_sec(),
+        "p50_us": l.p50_us,
+        "p99_us": l.p99_us,
+        "p999_us": l.p999_us,
+        "max_us": l.max_us,
+    })
+    .to_string())
+}
+
 fn opt_rate(x: Option<f64>) -> String {
     x.map_or_else(|| "-".to_owned(), human_rate)
 }

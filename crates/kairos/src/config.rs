@@ -62,6 +62,7 @@ pub struct KafkaConfig {
     pub client: std::collections::BTreeMap<String, String>,
     pub group: String,
     pub group_session_timeout_ms: u64,
+    pub model_topic: String,
 }
 
 /// The event log backend, chosen by the `log` setting.

@@ -211,6 +211,11 @@ impl Partitioning for RedisPartitioning {
         // Here, on the thread that applies: a profile dropped between its load below and its
         // events' apply would start again empty.
         let evicted = self.store.evict_copied_profiles(self.max_profiles);
+        if let Some(group) = &mut self.store.write().group {
+            // For the model updates: catalogue entries are published by their partition's owner.
+            group.owned.clear();
+            group.owned.extend_from_slice(owned);
+        }
         for key in &evicted {
             self.fences.remove(key);
         }

@@ -38,6 +38,11 @@ enum Command {
     /// (--log kafka://HOST:PORT --state redis://HOST:PORT). Serves health and metrics only. Run
     /// as many as the topic has partitions; a crashed one's partitions move to the others.
     Process(ServeArgs),
+    /// Run one stateless API replica: recommendations, profiles and catalogue reads, ranked
+    /// over the model the processor replicas publish on `kafka.model_topic`, with the profiles
+    /// read from Redis and answers cached until a profile they use changes (--log
+    /// kafka://HOST:PORT --state redis://HOST:PORT). Run as many as the read traffic needs.
+    Api(ServeArgs),
     /// Print the effective configuration (defaults, file, KAIROS_* variables) as TOML.
     Config {
         /// Print the commented built-in defaults instead.
@@ -51,6 +56,30 @@ enum Command {
     /// Benchmark a `kairos serve` child on a fresh data directory over HTTP: ingest, serve,
     /// freshness, memory and recovery, each beside its ceiling measured in the same run.
     Bench(BenchArgs),
+    /// Drive GET requests at a running Kairos with the bench's load generator, and print the
+    /// throughput and latency percentiles as one JSON line: for measuring a deployment, such as
+    /// `kairos api` replicas (scripts/bench-api.py).
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The server, HOST:PORT.
+    #[arg(long)]
+    addr: std::net::SocketAddr,
+    /// A file of request paths, one per line (`/v1/recommendations?...`), sent round robin.
+    #[arg(long)]
+    paths: PathBuf,
+    /// Requests per second offered (open loop, latency at that rate); without it, each
+    /// connection sends its next request as soon as the last is answered (maximum throughput).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long to run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
 }
 
 #[derive(Args)]
@@ -251,7 +280,26 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_node(cli.config.as_deref(), args, Role::All),
         Command::Ingest(args) => run_node(cli.config.as_deref(), args, Role::Ingest),
         Command::Process(args) => run_node(cli.config.as_deref(), args, Role::Process),
+        Command::Api(args) => run_node(cli.config.as_deref(), args, Role::Api),
         Command::Eval(cmd) => run_eval(cli.config.as_deref(), &cmd),
+        Command::Load(args) => std::fs::read_to_string(&args.paths)
+            .map_err(|e| format!("reading {}: {e}", args.paths.display()))
+            .and_then(|text| {
+                let paths: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                kairos::bench::drive(
+                    args.addr,
+                    paths,
+                    args.rate,
+                    std::time::Duration::from_secs_f64(args.seconds.max(0.1)),
+                    args.connections,
+                )
+            })
+            .map(|json| println!("{json}")),
         Command::Bench(args) => {
             let options = kairos::bench::BenchOptions {
                 quick: args.quick,

@@ -30,6 +30,9 @@ pub enum Role {
     /// One processor replica of a consumer group sharing a Kafka log's partitions, the profiles
     /// in Redis (`kairos process`, see [`crate::group`]): any number side by side.
     Process,
+    /// A stateless API replica (`kairos api`): the model built from the processor replicas'
+    /// model topic, the profiles read from Redis, answers cached (see `kairos_api::replica`).
+    Api,
 }
 
 pub struct Node {
@@ -42,6 +45,8 @@ pub struct Node {
     /// The thread writing profiles to Redis (it returns whether it stopped with every change
     /// written), its stop flag, and the file that records it.
     mirror: Option<Mirror>,
+    /// An API replica's thread following the profile change channel.
+    subscriber: Option<JoinHandle<()>>,
 }
 
 impl Node {
@@ -58,6 +63,9 @@ impl Node {
         }
         if role == Role::Process {
             return Self::start_process(config);
+        }
+        if role == Role::Api {
+            return Self::start_api(config);
         }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("creating data dir {}: {e}", config.data_dir.display()))?;
@@ -76,7 +84,7 @@ impl Node {
                 let redis =
                     kairos_state::redis_mirror::RedisProfiles::new(&url, config.redis.clone())?;
                 Some(start_mirror(
-                    config, &url, redis, &embedded, &registry, None,
+                    config, &url, redis, &embedded, &registry, None, None,
                 )?)
             }
             #[cfg(not(feature = "redis"))]
@@ -130,6 +138,7 @@ impl Node {
             stop,
             processor: Some(handle),
             mirror,
+            subscriber: None,
         })
     }
 
@@ -148,6 +157,7 @@ impl Node {
             config.recommend.clone(),
             registry,
         );
+        app.ingest_only.store(true, Ordering::Relaxed);
         app.set_ready(true);
         Ok(Node {
             app,
@@ -157,6 +167,7 @@ impl Node {
             stop: Arc::new(AtomicBool::new(false)),
             processor: None,
             mirror: None,
+            subscriber: None,
         })
     }
 
@@ -176,6 +187,7 @@ impl Node {
             Role::All => kairos_api::router(self.app.clone()),
             Role::Ingest => kairos_api::ingest_router(self.app.clone()),
             Role::Process => kairos_api::process_router(self.app.clone()),
+            Role::Api => kairos_api::api_router(self.app.clone()),
         }
     }
 
@@ -218,6 +230,16 @@ impl Node {
             stop.clone(),
             &registry,
         );
+        // The model updates of what this replica applies, for the API replicas.
+        let publish = if config.kafka.model_topic.is_empty() {
+            None
+        } else {
+            let model_log = open_model_log(config, &brokers, false)?;
+            if let Some(group) = &mut embedded.write().group {
+                group.publish_model = true;
+            }
+            Some(model_publisher(model_log))
+        };
         let mirror = start_mirror(
             config,
             &url,
@@ -230,6 +252,7 @@ impl Node {
                 commit_lock,
                 std::time::Duration::from_secs(1),
             )),
+            publish,
         )?;
         let store: Arc<dyn StateStore> = embedded;
         let (app, mut processor) = wire(config, &log, &store, registry);
@@ -243,12 +266,96 @@ impl Node {
             stop,
             processor: Some(handle),
             mirror: Some(mirror),
+            subscriber: None,
         })
     }
 
     #[cfg(not(all(feature = "kafka", feature = "redis")))]
     fn start_process(_config: &Config) -> Result<Node, String> {
         Err("the process role needs a build with the kafka and redis features".into())
+    }
+
+    /// An API replica: a state holding the model only, built by a processor applying the model
+    /// topic (every partition, no group, from the start: nothing is kept on disk), the profiles
+    /// read from Redis per request, and a thread following Redis's change channel for the
+    /// answer cache. Ready once the model topic is read to its end.
+    #[cfg(all(feature = "kafka", feature = "redis"))]
+    fn start_api(config: &Config) -> Result<Node, String> {
+        use kairos_api::replica::{RecCache, Replica};
+        use kairos_state::redis_reader::{follow_changes, Change, ProfilePool};
+        let need = "the api role reads the model the processor replicas publish on Kafka and the profiles in Redis: it needs log = \"kafka://HOST:PORT\" and state = \"redis://HOST:PORT\" (or redis-cluster://…)";
+        let LogBackend::Kafka { brokers } = config.log_backend()? else {
+            return Err(need.into());
+        };
+        let StateBackend::Redis { url } = config.state_backend()? else {
+            return Err(need.into());
+        };
+        if config.kafka.model_topic.is_empty() {
+            return Err("kafka.model_topic is empty: the api role builds its model from the updates the processor replicas publish there".into());
+        }
+        let pool = ProfilePool::new(&url, config.redis.clone())?;
+        pool.check()
+            .map_err(|e| format!("state backend: cannot reach Redis at {url:?}: {e}"))?;
+        let registry = Arc::new(Registry::default());
+        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory(config.model.clone()));
+        let log = open_model_log(config, &brokers, true)?;
+        let cache = RecCache::new(
+            std::time::Duration::from_millis(config.api.cache_ttl_ms),
+            config.api.cache_max_entries,
+            &registry,
+        );
+        let s = store.clone();
+        registry.computed(
+            "kairos_model_entries_applied",
+            "Events-topic entries an API replica's model reflects: per partition, the position after the last entry whose model updates it applied, summed (compare with the topic's end offsets).",
+            &[],
+            move || s.read().model_applied.iter().sum::<u64>() as f64,
+        );
+        let (app, mut processor) = wire(config, &log, &store, registry);
+        // Nothing is kept on disk: a replica rebuilds its model from the topic when it starts.
+        processor.without_snapshots();
+        if config.model.trending_refresh_ms > 0 {
+            let recommend = config.recommend.clone();
+            processor.set_maintenance(Box::new(move |state| {
+                kairos_recommend::refresh_caches(state, &recommend)
+            }));
+        }
+        let reader: Arc<dyn kairos_api::replica::ProfileReader> = Arc::new(PoolReader(pool));
+        let _ = app.replica.set(Replica {
+            reader,
+            cache: cache.clone(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_stop, settings) = (stop.clone(), config.redis.clone());
+        let subscriber = std::thread::Builder::new()
+            .name("kairos-redis-changes".into())
+            .spawn(move || {
+                let followed = follow_changes(&url, &settings, &thread_stop, |change| match change {
+                    Change::Connected => cache.set_live(true),
+                    Change::Disconnected => cache.set_live(false),
+                    Change::Profile(key) => cache.invalidate(key),
+                });
+                if let Err(e) = followed {
+                    tracing::error!(error = %e, "cannot follow the profile change channel: answers are not cached");
+                }
+            })
+            .map_err(|e| format!("starting the Redis subscriber thread: {e}"))?;
+        let handle = spawn_processor(processor, app.clone(), stop.clone())?;
+        Ok(Node {
+            app,
+            log,
+            store,
+            role: Role::Api,
+            stop,
+            processor: Some(handle),
+            mirror: None,
+            subscriber: Some(subscriber),
+        })
+    }
+
+    #[cfg(not(all(feature = "kafka", feature = "redis")))]
+    fn start_api(_config: &Config) -> Result<Node, String> {
+        Err("the api role needs a build with the kafka and redis features".into())
     }
 
     /// Blocks until the processor has replayed the log (or failed).
@@ -277,6 +384,9 @@ impl Node {
         };
         // After the processor's last apply, so that Redis ends with what the state holds.
         self.stop_mirror();
+        if let Some(subscriber) = self.subscriber.take() {
+            let _ = subscriber.join();
+        }
         // An ingest node's appends are flushed to the broker here.
         self.log.close().map_err(|e| format!("closing log: {e}"))?;
         result
@@ -369,6 +479,7 @@ fn start_mirror(
     store: &Arc<EmbeddedStore>,
     registry: &Registry,
     on_durable: Option<kairos_state::redis_mirror::OnDurable>,
+    publish: Option<kairos_state::redis_mirror::Publish>,
 ) -> Result<Mirror, String> {
     use kairos_state::redis_mirror::{run_mirror, MirrorMetrics, SYNCED_FILE};
     // A wrong address is a configuration error to report now; later outages are retried.
@@ -392,7 +503,16 @@ fn start_mirror(
     let metrics = MirrorMetrics::new(registry);
     let handle = std::thread::Builder::new()
         .name("kairos-redis".into())
-        .spawn(move || run_mirror(redis, thread_store, metrics, thread_stop, on_durable))
+        .spawn(move || {
+            run_mirror(
+                redis,
+                thread_store,
+                metrics,
+                thread_stop,
+                on_durable,
+                publish,
+            )
+        })
         .map_err(|e| format!("starting the Redis thread: {e}"))?;
     tracing::info!(url, "profiles are written to Redis");
     Ok(Mirror {
@@ -418,6 +538,69 @@ fn open_kafka_log(
     Ok(Arc::new(log))
 }
 
+/// The model topic (`kafka.model_topic`) on `brokers`: read from the start by an API replica
+/// (`consume`), appended to by a processor replica. Its records are not deduplicated by the log:
+/// a reader skips updates it already applied (`State::apply_model`).
+#[cfg(feature = "kafka")]
+fn open_model_log(
+    config: &Config,
+    brokers: &str,
+    consume: bool,
+) -> Result<Arc<dyn EventLog>, String> {
+    let mut settings = config.kafka_log_config(brokers, 0, consume)?;
+    settings.topic = config.kafka.model_topic.clone();
+    settings.transactions_topic = None;
+    settings.dedup_max_entries = 0;
+    settings.dedup_restore_records = 0;
+    let log = kairos_log::KafkaLog::open(settings).map_err(|e| {
+        format!(
+            "opening the model topic {:?} at {brokers}: {e}",
+            config.kafka.model_topic
+        )
+    })?;
+    Ok(Arc::new(log))
+}
+
+/// Publishes model updates on the model topic, each partition's under one key so that they
+/// stay in order, and returns once the broker acknowledged them all.
+#[cfg(all(feature = "kafka", feature = "redis"))]
+fn model_publisher(log: Arc<dyn EventLog>) -> kairos_state::redis_mirror::Publish {
+    Box::new(move |batches| {
+        let records = batches
+            .iter()
+            .map(|batch| kairos_log::AppendRecord {
+                key: format!("partition-{}", batch.partition).into_bytes(),
+                timestamp_ms: batch.clock,
+                dedup_id: 0,
+                payload: kairos_types::LogEntry::encode_model(batch),
+                transaction: None,
+            })
+            .collect();
+        let outcomes = log
+            .append(records)
+            .wait()
+            .map_err(|e| format!("publishing model updates: {e}"))?;
+        match outcomes
+            .iter()
+            .find(|o| !matches!(o, kairos_log::AppendOutcome::Appended { .. }))
+        {
+            Some(o) => Err(format!("publishing model updates: {o:?}")),
+            None => Ok(()),
+        }
+    })
+}
+
+/// The [`kairos_api::replica::ProfileReader`] of an API replica: Redis, through a pool.
+#[cfg(all(feature = "kafka", feature = "redis"))]
+struct PoolReader(kairos_state::redis_reader::ProfilePool);
+
+#[cfg(all(feature = "kafka", feature = "redis"))]
+impl kairos_api::replica::ProfileReader for PoolReader {
+    fn read(&self, keys: &[&str]) -> Result<kairos_state::portable::Person, String> {
+        self.0.read_person(keys)
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(h) = self.processor.take() {
@@ -426,5 +609,9 @@ impl Drop for Node {
             let _ = self.log.close();
         }
         self.stop_mirror();
+        if let Some(subscriber) = self.subscriber.take() {
+            self.stop.store(true, Ordering::Release);
+            let _ = subscriber.join();
+        }
     }
 }

@@ -2,6 +2,11 @@
 //! replicas split a four-partition topic fed by a `kairos ingest` node; one is killed with
 //! SIGKILL under load and the other takes its partitions over. Afterwards every profile in Redis
 //! counts each acknowledged event of its key exactly once, and every identity link is there.
+//!
+//! A `kairos api` replica follows the model updates the processor replicas publish all along:
+//! afterwards its model counts each acknowledged interaction of every item exactly once too
+//! (updates published again after a takeover are skipped), and it serves each user's profile
+//! merged with every profile linked to it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -26,7 +31,7 @@ struct Expected {
 }
 
 /// The value of an unlabelled metric in a `/metrics` page.
-fn metric(addr: &str, name: &str) -> Option<i64> {
+pub fn metric(addr: &str, name: &str) -> Option<i64> {
     let (status, body) = http(addr, "GET", "/metrics", None, Duration::from_secs(2)).ok()?;
     if status != 200 {
         return None;
@@ -42,7 +47,7 @@ fn owned(addr: &str) -> i64 {
 }
 
 /// Waits until `check` holds, for at most `limit`.
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
@@ -225,6 +230,7 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
         ("KAIROS_KAFKA__TOPIC", topic.clone()),
         ("KAIROS_KAFKA__PARTITIONS", "4".into()),
         ("KAIROS_KAFKA__GROUP", format!("{topic}-processors")),
+        ("KAIROS_KAFKA__MODEL_TOPIC", format!("{topic}-model")),
         ("KAIROS_KAFKA__GROUP_SESSION_TIMEOUT_MS", "6000".into()),
         ("KAIROS_REDIS__PREFIX", topic.clone()),
     ]
@@ -238,6 +244,20 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
         d
     };
     let ingest = Server::start("ingest", &dir("ingest"), &env);
+    // The catalogue, so that the API replica answers for every item.
+    let catalogue: Vec<Value> = (0..60)
+        .map(|n| json!({"id": format!("p{n}"), "title": format!("Product {n}")}))
+        .collect();
+    let (status, _) = http(
+        &ingest.addr,
+        "PUT",
+        "/v1/items",
+        Some(&serde_json::to_vec(&json!({ "items": catalogue })).unwrap()),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    let api = Server::start("api", &dir("api"), &env);
     let first = Server::start("process", &dir("a"), &env);
     let second = join_replica(&first, &dir("b"), &env);
 
@@ -248,13 +268,16 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
     eprintln!("group test seed {seed}");
     let expected: Arc<Mutex<BTreeMap<String, Expected>>> = Arc::default();
     let links: Arc<Mutex<BTreeSet<(String, String)>>> = Arc::default();
+    // Per item, the interactions with it acknowledged (views, and purchases of it).
+    let item_events: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..2u64)
         .map(|c| {
-            let (addr, expected, links, stop) = (
+            let (addr, expected, links, item_events, stop) = (
                 ingest.addr.clone(),
                 expected.clone(),
                 links.clone(),
+                item_events.clone(),
                 stop.clone(),
             );
             std::thread::spawn(move || {
@@ -290,6 +313,24 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
                         x.purchases += e.purchases;
                     }
                     links.lock().unwrap().extend(new_links);
+                    let mut item_events = item_events.lock().unwrap();
+                    for e in &events {
+                        let products = match e["event"].as_str() {
+                            Some("product_view") => vec![&e["properties"]["product_id"]],
+                            Some("purchase") => e["properties"]["products"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|p| &p["product_id"])
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        for p in products {
+                            *item_events
+                                .entry(p.as_str().unwrap().to_owned())
+                                .or_default() += 1;
+                        }
+                    }
                     n += 1;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -426,5 +467,81 @@ fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
         expected.len(),
         links.len()
     );
-    drop((replicas, ingest));
+    api_replica_counts_once(&api.addr, &item_events.lock().unwrap(), &expected, &links);
+    drop((replicas, ingest, api));
+}
+
+/// The API replica's model counts every acknowledged interaction of each item once
+/// (`item_events`), and it serves each user's profile with the profiles linked to it merged in,
+/// counting the events of all of them (`expected`, by profile key).
+fn api_replica_counts_once(
+    addr: &str,
+    item_events: &BTreeMap<String, u64>,
+    expected: &BTreeMap<String, Expected>,
+    links: &BTreeSet<(String, String)>,
+) {
+    let counted = |item: &str| -> u64 {
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/items/{item}"),
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        body["stats"]["events"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (item, &want) in item_events {
+        loop {
+            let got = counted(item);
+            assert!(
+                got <= want,
+                "{item}: the API replica's model counts {got} interactions, {want} were acknowledged"
+            );
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{item}: the API replica's model counts {got} interactions, {want} were acknowledged"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let mut merged: BTreeMap<&str, u64> = BTreeMap::new();
+    for (key, e) in expected {
+        let person = links
+            .iter()
+            .find(|(from, _)| from == key)
+            .map_or(key.as_str(), |(_, to)| to.as_str());
+        if person.starts_with("u:") {
+            *merged.entry(person).or_default() += e.events;
+        }
+    }
+    for (user, events) in &merged {
+        let (status, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/profiles?user_id={}", &user[2..]),
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+        let profile: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            profile["counters"]["events"].as_u64(),
+            Some(*events),
+            "{user}, merged with its linked profiles: {profile}"
+        );
+    }
+    eprintln!(
+        "the API replica counts {} interactions with {} items once, and serves {} users' merged profiles",
+        item_events.values().sum::<u64>(),
+        item_events.len(),
+        merged.len()
+    );
 }

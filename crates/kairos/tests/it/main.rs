@@ -12,11 +12,14 @@
 //! - `redis_state`: the profiles in Redis and Redis Cluster, against real `redis-server`s.
 //! - `group`: `kairos process` replicas sharing a topic as a consumer group; one is killed with
 //!   SIGKILL under load, and every acknowledged event is counted once in Redis.
+//! - `api_replica`: `kairos api` replicas serve what a single node serves, from the model the
+//!   processor replicas publish and the profiles in Redis; their cache follows the events.
 //!
 //! `api`, `golden` and `crash` run each scenario on the embedded log and on a Kafka topic with
 //! the profiles in Redis (the scale-out mode); two `api` scenarios run with a Redis Cluster too.
 
 mod api;
+mod api_replica;
 mod crash;
 mod eval;
 mod golden;
