@@ -218,6 +218,21 @@ fn replica_suite(mut redis: Redis) {
         }
     };
     same_as_single(&api.addr);
+    // Events go to the ingest role: the replica says so.
+    let (status, body) = http(
+        &api.addr,
+        "POST",
+        "/v1/batch",
+        Some(&serde_json::to_vec(&json!({"batch": []})).unwrap()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, &body["code"]), (404, &json!("route_not_found")));
+    assert!(
+        body["message"].as_str().unwrap().contains("kairos api"),
+        "{body}"
+    );
     // A replica started later builds the same model from the start of the model topic.
     let late = Server::start("api", &dir("late-api"), &with_redis);
     caught_up(&late.addr);
