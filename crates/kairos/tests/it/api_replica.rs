@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::group::{metric, wait_until};
-use crate::support::{http, KafkaBroker, Redis, RedisCluster, RedisServer, Server, TempDir};
+use crate::support::{
+    http, KafkaBroker, Redis, RedisCluster, RedisServer, ScaleOut, Server, TempDir,
+};
 
 fn get(addr: &str, path: &str) -> (u16, Value) {
     let (status, body) = http(addr, "GET", path, None, Duration::from_secs(10)).unwrap();
@@ -118,40 +120,20 @@ fn an_api_replica_on_redis_cluster_serves_what_a_single_node_serves() {
 fn replica_suite(mut redis: Redis) {
     let broker = KafkaBroker::start();
     let root = TempDir::new("replica");
-    let topic = root
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let shared: Vec<(String, String)> = [
-        ("KAIROS_LOG", format!("kafka://{}", broker.addr)),
-        ("KAIROS_KAFKA__TOPIC", topic.clone()),
-        ("KAIROS_KAFKA__MODEL_TOPIC", format!("{topic}-model")),
-        ("KAIROS_KAFKA__PARTITIONS", "1".into()),
-        ("KAIROS_KAFKA__GROUP", format!("{topic}-processors")),
-        ("KAIROS_KAFKA__GROUP_SESSION_TIMEOUT_MS", "6000".into()),
-        // Lists recomputed on every change, so that answers never depend on timing.
-        ("KAIROS_MODEL__TRENDING_REFRESH_MS", "0".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let with_redis: Vec<(String, String)> = shared
-        .iter()
-        .cloned()
-        .chain([
-            ("KAIROS_STATE".to_owned(), redis.url()),
-            ("KAIROS_REDIS__PREFIX".to_owned(), topic.clone()),
-            // Only an invalidation can refresh a cached answer in this test.
-            ("KAIROS_API__CACHE_TTL_MS".to_owned(), "3600000".to_owned()),
-        ])
-        .collect();
-    let dir = |name: &str| {
-        let d = root.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
+    let scale = ScaleOut::new(&broker, &root, 1);
+    // Lists recomputed on every change, so that answers never depend on timing.
+    let mut shared = scale.env.clone();
+    shared.push(("KAIROS_MODEL__TRENDING_REFRESH_MS".into(), "0".into()));
+    let mut with_redis = scale.with_redis(&redis);
+    with_redis.extend([
+        (
+            "KAIROS_MODEL__TRENDING_REFRESH_MS".to_owned(),
+            "0".to_owned(),
+        ),
+        // Only an invalidation can refresh a cached answer in this test.
+        ("KAIROS_API__CACHE_TTL_MS".to_owned(), "3600000".to_owned()),
+    ]);
+    let dir = |name: &str| scale.dir(name);
     let ingest = Server::start("ingest", &dir("ingest"), &shared);
     let process = Server::start("process", &dir("process"), &with_redis);
     let api = Server::start("api", &dir("api"), &with_redis);

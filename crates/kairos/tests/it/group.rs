@@ -20,7 +20,9 @@ use kairos::demo::Rng;
 use kairos_state::portable::StoredProfile;
 use kairos_state::redis_mirror::RedisProfiles;
 
-use crate::support::{http, KafkaBroker, Redis, RedisCluster, RedisServer, Server, TempDir};
+use crate::support::{
+    http, KafkaBroker, Redis, RedisCluster, RedisServer, ScaleOut, Server, TempDir,
+};
 
 /// What the acknowledged events should have made of one profile key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -218,31 +220,16 @@ fn replicas_rebuild_what_redis_lost_from_the_log() {
 fn replicas_under(fault: Fault, mut redis: Redis, max_profiles: Option<usize>) {
     let broker = KafkaBroker::start();
     let root = TempDir::new("group");
-    let topic = root
-        .path()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
-    let env: Vec<(String, String)> = [
-        ("KAIROS_LOG", format!("kafka://{}", broker.addr)),
-        ("KAIROS_STATE", redis.url()),
-        ("KAIROS_KAFKA__TOPIC", topic.clone()),
-        ("KAIROS_KAFKA__PARTITIONS", "4".into()),
-        ("KAIROS_KAFKA__GROUP", format!("{topic}-processors")),
-        ("KAIROS_KAFKA__MODEL_TOPIC", format!("{topic}-model")),
-        ("KAIROS_KAFKA__GROUP_SESSION_TIMEOUT_MS", "6000".into()),
-        ("KAIROS_REDIS__PREFIX", topic.clone()),
-    ]
-    .into_iter()
-    .chain(max_profiles.map(|n| ("KAIROS_REDIS__PROCESS_MAX_PROFILES", n.to_string())))
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let dir = |name: &str| {
-        let d = root.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
+    let scale = ScaleOut::new(&broker, &root, 4);
+    let topic = scale.topic.clone();
+    let mut env = scale.with_redis(&redis);
+    env.extend(max_profiles.map(|n| {
+        (
+            "KAIROS_REDIS__PROCESS_MAX_PROFILES".to_owned(),
+            n.to_string(),
+        )
+    }));
+    let dir = |name: &str| scale.dir(name);
     let ingest = Server::start("ingest", &dir("ingest"), &env);
     // The catalogue, so that the API replica answers for every item.
     let catalogue: Vec<Value> = (0..60)

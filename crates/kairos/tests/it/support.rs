@@ -99,7 +99,13 @@ impl Server {
     /// Runs `kairos <command>` on `data_dir` with `env` (`KAIROS_*` settings) and waits until it
     /// reports ready. Snapshots every second, so that a kill finds one recent.
     pub fn start(command: &str, data_dir: &Path, env: &[(String, String)]) -> Server {
-        let mut child = dies_with_test(&mut Command::new(env!("CARGO_BIN_EXE_kairos")))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kairos"));
+        // The test suite's own settings (`KAIROS_TEST_*`) are not the child's configuration,
+        // which would refuse them as unknown keys.
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("KAIROS_TEST_")) {
+            cmd.env_remove(name);
+        }
+        let mut child = dies_with_test(&mut cmd)
             .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("KAIROS_LOG_LEVEL", "warn")
@@ -145,28 +151,51 @@ impl Drop for Server {
     }
 }
 
-/// A tansu broker (the Kafka protocol, memory storage) on a free loopback port; killed on drop.
+/// A tansu broker (the Kafka protocol, memory storage unless told otherwise) on a free loopback
+/// port; killed on drop.
 pub struct KafkaBroker {
     child: Child,
     pub addr: String,
+    storage: String,
 }
 
 impl KafkaBroker {
     pub fn start() -> KafkaBroker {
+        Self::start_on_storage("memory://tansu/")
+    }
+
+    /// A broker keeping its data in the tansu storage engine `storage` (`memory://tansu/`,
+    /// `postgres://…` with a tansu built with that feature as `KAIROS_TEST_TANSU`).
+    pub fn start_on_storage(storage: &str) -> KafkaBroker {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            if let Some(broker) = Self::try_start_on(port) {
+            if let Some(broker) = Self::try_start_on(port, storage) {
                 return broker;
             }
         }
         panic!("tansu did not start on a free port in five tries");
     }
 
-    fn try_start_on(port: u16) -> Option<KafkaBroker> {
+    /// Kills the broker with SIGKILL and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
+        for _ in 0..50 {
+            if let Some(again) = Self::try_start_on(port, &self.storage) {
+                *self = again;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("tansu did not start again on port {port}");
+    }
+
+    fn try_start_on(port: u16, storage: &str) -> Option<KafkaBroker> {
         let bin = tansu_binary();
         {
             let addr = format!("127.0.0.1:{port}");
@@ -174,7 +203,7 @@ impl KafkaBroker {
             let mut child = dies_with_test(&mut Command::new(&bin))
                 .args(["broker", "--listener-url", &url])
                 .args(["--advertised-listener-url", &url])
-                .args(["--storage-engine", "memory://tansu/"])
+                .args(["--storage-engine", storage])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -186,7 +215,11 @@ impl KafkaBroker {
                 if TcpStream::connect(&addr).is_ok() {
                     std::thread::sleep(Duration::from_millis(50));
                     if child.try_wait().unwrap().is_none() {
-                        return Some(KafkaBroker { child, addr });
+                        return Some(KafkaBroker {
+                            child,
+                            addr,
+                            storage: storage.to_owned(),
+                        });
                     }
                     break;
                 }
@@ -764,4 +797,55 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[(start + size + 2).min(data.len())..];
     }
     out
+}
+
+/// A scale-out deployment's shared settings, for `kairos ingest|process|api|serve` children: a
+/// topic of `partitions` partitions on `broker` named after `root` (with its model topic and
+/// consumer group named after it too), and the data directory of each child under `root`.
+pub struct ScaleOut {
+    pub topic: String,
+    pub env: Vec<(String, String)>,
+    root: PathBuf,
+}
+
+impl ScaleOut {
+    pub fn new(broker: &KafkaBroker, root: &TempDir, partitions: u32) -> ScaleOut {
+        let topic = root
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let env = [
+            ("KAIROS_LOG", format!("kafka://{}", broker.addr)),
+            ("KAIROS_KAFKA__TOPIC", topic.clone()),
+            ("KAIROS_KAFKA__MODEL_TOPIC", format!("{topic}-model")),
+            ("KAIROS_KAFKA__PARTITIONS", partitions.to_string()),
+            ("KAIROS_KAFKA__GROUP", format!("{topic}-processors")),
+            ("KAIROS_KAFKA__GROUP_SESSION_TIMEOUT_MS", "6000".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        ScaleOut {
+            topic,
+            env,
+            root: root.path().to_owned(),
+        }
+    }
+
+    /// The settings plus the profiles in `redis`, under a key prefix named after the topic.
+    pub fn with_redis(&self, redis: &Redis) -> Vec<(String, String)> {
+        let mut env = self.env.clone();
+        env.push(("KAIROS_STATE".into(), redis.url()));
+        env.push(("KAIROS_REDIS__PREFIX".into(), self.topic.clone()));
+        env
+    }
+
+    /// A fresh data directory for the child `name`.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }
