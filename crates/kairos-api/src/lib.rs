@@ -301,7 +301,7 @@ async fn not_found_on_process_node(method: axum::http::Method, uri: axum::http::
     HttpError::new(
         Code::RouteNotFound,
         format!(
-            "no route for {method} {} on this node: it runs the processor role only (`kairos process`); events go to `kairos ingest` or `kairos serve`, reads to `kairos serve`",
+            "no route for {method} {} on this node: it runs the processor role only (`kairos process`); events go to `kairos ingest` or `kairos serve`, reads to `kairos api` or `kairos serve`",
             uri.path()
         ),
     )
@@ -337,7 +337,7 @@ async fn not_found_on_ingest_node(method: axum::http::Method, uri: axum::http::U
     HttpError::new(
         Code::RouteNotFound,
         format!(
-            "no route for {method} {} on this node: it runs the ingest role only; recommendations, profiles and catalogue reads are served by `kairos serve`",
+            "no route for {method} {} on this node: it runs the ingest role only; recommendations, profiles and catalogue reads are served by `kairos api` or `kairos serve`",
             uri.path()
         ),
     )

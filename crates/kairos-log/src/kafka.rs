@@ -198,7 +198,10 @@ pub struct KafkaLog {
     topic: String,
     transactions_topic: Option<String>,
     partitions: u32,
-    producer: ThreadedProducer<Delivery>,
+    /// Replaced after a fatal error (see [`KafkaLog::producer`]).
+    producer: std::sync::RwLock<Arc<ThreadedProducer<Delivery>>>,
+    /// What the producer is made from, to make it again.
+    config: KafkaLogConfig,
     shared: Arc<Shared>,
     consumer: Mutex<Option<JoinHandle<()>>>,
     start_offsets: Vec<u64>,
@@ -708,28 +711,11 @@ impl KafkaLog {
             batches: AtomicU64::new(0),
             seq_wait: config.seq_wait,
         });
-        let ack_timeout_ms = config.ack_timeout.as_millis().to_string();
         let idempotent = !config
             .properties
             .iter()
             .any(|(k, v)| k == "enable.idempotence" && v == "false");
-        let producer: ThreadedProducer<Delivery> = client_config(
-            &config,
-            &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("compression.type", &config.compression),
-                ("partitioner", "murmur2_random"),
-                ("linger.ms", "2"),
-                ("message.timeout.ms", &ack_timeout_ms),
-                // Only to learn when the producer id is assigned (see `wait_for_producer_id`).
-                ("statistics.interval.ms", "100"),
-            ],
-        )
-        .create_with_context(Delivery {
-            shared: shared.clone(),
-        })
-        .map_err(|e| broker_error("creating the Kafka producer", e))?;
+        let producer = create_producer(&config, &shared)?;
         producer
             .client()
             .fetch_metadata(Some(&config.topic), Duration::from_secs(10))
@@ -774,16 +760,46 @@ impl KafkaLog {
         };
         tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, group = ?config.group, "Kafka event log open");
         Ok(KafkaLog {
-            topic: config.topic,
-            transactions_topic: config.transactions_topic,
+            topic: config.topic.clone(),
+            transactions_topic: config.transactions_topic.clone(),
             partitions,
-            producer,
+            producer: std::sync::RwLock::new(Arc::new(producer)),
+            config: config.clone(),
             shared,
             consumer: Mutex::new(consumer),
             start_offsets,
             dedup_restore_records: config.dedup_restore_records,
             group,
         })
+    }
+
+    /// The producer, made again if the current one hit a fatal error. An idempotent producer
+    /// stops for good when the brokers contradict its state (a broker that lost it, say, by
+    /// restarting without its data): every later append would fail until the process restarts.
+    /// The records it still held fail, and the clients retry them (with their dedup ids).
+    fn producer(&self) -> Arc<ThreadedProducer<Delivery>> {
+        let current = self
+            .producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return current;
+        };
+        let mut slot = self.producer.write().unwrap_or_else(|e| e.into_inner());
+        if Arc::ptr_eq(&slot, &current) {
+            tracing::error!(%code, reason, "the Kafka producer hit a fatal error: making a new one");
+            self.shared.producer_id.store(false, Ordering::Release);
+            match create_producer(&self.config, &self.shared) {
+                Ok(fresh) => {
+                    let old = std::mem::replace(&mut *slot, Arc::new(fresh));
+                    // Dropping a producer waits for its outstanding requests: not here.
+                    std::thread::spawn(move || drop(old));
+                }
+                Err(e) => tracing::error!(error = %e, "making a new Kafka producer failed"),
+            }
+        }
+        slot.clone()
     }
 
     /// Queues `payload` for `topic` with `r`'s key, timestamp and dedup id.
@@ -804,7 +820,7 @@ impl KafkaLog {
                 value: Some(&r.dedup_id.to_le_bytes()[..]),
             }));
         }
-        self.producer.send(record).map_err(|(e, _)| match e {
+        self.producer().send(record).map_err(|(e, _)| match e {
             KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => LogError::Overloaded {
                 pending_bytes: 0,
                 limit: 0,
@@ -812,6 +828,31 @@ impl KafkaLog {
             e => broker_error("queueing a record for the broker", e),
         })
     }
+}
+
+/// The idempotent producer of a log with `config`, reporting to `shared`.
+fn create_producer(
+    config: &KafkaLogConfig,
+    shared: &Arc<Shared>,
+) -> Result<ThreadedProducer<Delivery>, LogError> {
+    let ack_timeout_ms = config.ack_timeout.as_millis().to_string();
+    client_config(
+        config,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("compression.type", &config.compression),
+            ("partitioner", "murmur2_random"),
+            ("linger.ms", "2"),
+            ("message.timeout.ms", &ack_timeout_ms),
+            // Only to learn when the producer id is assigned (see `wait_for_producer_id`).
+            ("statistics.interval.ms", "100"),
+        ],
+    )
+    .create_with_context(Delivery {
+        shared: shared.clone(),
+    })
+    .map_err(|e| broker_error("creating the Kafka producer", e))
 }
 
 /// Returns the topic's partition count, creating the topic first if the broker does not have it.
@@ -1342,7 +1383,7 @@ impl EventLog for KafkaLog {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let flushed = self.producer.flush(Duration::from_secs(30));
+        let flushed = self.producer().flush(Duration::from_secs(30));
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.consumed.notify_all();
         if let Some(h) = lock(&self.consumer).take() {

@@ -445,6 +445,48 @@ fn a_broker_restart_loses_no_acknowledged_event() {
     }
 }
 
+/// A broker that restarts without its data (tansu's memory storage) contradicts the ingest
+/// node's idempotent producer, which then stops for good. The node makes a new producer, and
+/// appends are acknowledged again without restarting it.
+#[test]
+fn an_ingest_node_makes_a_new_producer_after_a_fatal_error() {
+    let mut broker = KafkaBroker::start();
+    let dir = TempDir::new("fatal-producer");
+    let env: Vec<(String, String)> = vec![
+        ("KAIROS_LOG".into(), format!("kafka://{}", broker.addr)),
+        ("KAIROS_KAFKA__TOPIC".into(), "fatal".into()),
+        ("KAIROS_KAFKA__ACK_TIMEOUT_MS".into(), "3000".into()),
+    ];
+    let ingest = Server::start("ingest", dir.path(), &env);
+    let post = |n: u64| {
+        let body = serde_json::to_vec(&json!({"batch": [{"type": "track", "event": "product_view",
+            "userId": "u", "messageId": format!("m{n}"), "timestamp": 1_700_000_000_000i64,
+            "properties": {"product_id": "p"}}]}))
+        .unwrap();
+        http(&ingest.addr, "POST", "/v1/batch", Some(&body), TIMEOUT)
+            .map(|(status, _)| status)
+            .unwrap_or(0)
+    };
+    assert_eq!(post(0), 200);
+    broker.restart();
+    // The topic went with the broker's data: made again, as an operator would.
+    drop(KafkaLog::open(config(&broker, "fatal")).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 1;
+    while post(n) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the ingest node never acknowledged again after the broker restarted"
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(n > 1, "the restart made no append fail: nothing was tested");
+    for m in n + 1..n + 5 {
+        assert_eq!(post(m), 200);
+    }
+}
+
 /// Runs `kairos <args> --listen 127.0.0.1:0 --data-dir <fresh>`, which must stop with an error;
 /// returns what it printed on stderr.
 fn refused(args: &[&str]) -> String {
