@@ -195,17 +195,15 @@ impl Default for KafkaLogConfig {
 
 /// An event log on a Kafka-protocol broker. See the module docs.
 pub struct KafkaLog {
-    topic: String,
-    transactions_topic: Option<String>,
     partitions: u32,
     /// Replaced after a fatal error (see [`KafkaLog::producer`]).
     producer: std::sync::RwLock<Arc<ThreadedProducer<Delivery>>>,
-    /// What the producer is made from, to make it again.
+    /// The settings it was opened with (topics, and what the producer is made from, to make it
+    /// again).
     config: KafkaLogConfig,
     shared: Arc<Shared>,
     consumer: Mutex<Option<JoinHandle<()>>>,
     start_offsets: Vec<u64>,
-    dedup_restore_records: u64,
     group: Option<Group>,
 }
 
@@ -760,15 +758,12 @@ impl KafkaLog {
         };
         tracing::info!(brokers = %config.brokers, topic = %config.topic, partitions, consume = config.consume, group = ?config.group, "Kafka event log open");
         Ok(KafkaLog {
-            topic: config.topic.clone(),
-            transactions_topic: config.transactions_topic.clone(),
             partitions,
             producer: std::sync::RwLock::new(Arc::new(producer)),
-            config: config.clone(),
+            config,
             shared,
             consumer: Mutex::new(consumer),
             start_offsets,
-            dedup_restore_records: config.dedup_restore_records,
             group,
         })
     }
@@ -1136,7 +1131,7 @@ impl EventLog for KafkaLog {
         }
         let (completer, completion) = completion_pair(|| Err(LogError::Closed));
         let n = records.len();
-        let copies = match &self.transactions_topic {
+        let copies = match &self.config.transactions_topic {
             Some(_) => records.iter().filter(|r| r.transaction.is_some()).count(),
             None => 0,
         };
@@ -1151,6 +1146,7 @@ impl EventLog for KafkaLog {
         self.shared.batches.fetch_add(1, Ordering::Relaxed);
         for (index, r) in records.iter().enumerate() {
             let copy = self
+                .config
                 .transactions_topic
                 .as_deref()
                 .zip(r.transaction.as_deref());
@@ -1170,7 +1166,7 @@ impl EventLog for KafkaLog {
                     timestamp_ms: r.timestamp_ms,
                 })
             };
-            match self.send(&self.topic, r, &r.payload, sent(Some(index))) {
+            match self.send(&self.config.topic, r, &r.payload, sent(Some(index))) {
                 Ok(()) => {
                     self.shared.appended.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1204,7 +1200,7 @@ impl EventLog for KafkaLog {
         }
         if self.shared.offsets_lost.load(Ordering::Acquire) {
             return Err(broker_error(
-                &format!("topic {}", self.topic),
+                &format!("topic {}", self.config.topic),
                 "a partition no longer holds the position being read (the topic was recreated or truncated, or retention ran ahead of the processor); to rebuild the state from what the topic holds now, start with an empty data directory",
             ));
         }
@@ -1230,7 +1226,7 @@ impl EventLog for KafkaLog {
             pf.fetched_to = from_offset;
             pf.read_from = from_offset;
             pf.warm_from = from_offset
-                .saturating_sub(self.dedup_restore_records)
+                .saturating_sub(self.config.dedup_restore_records)
                 .max(self.start_offsets[partition as usize]);
             *reposition = true;
             drop(fetch);
@@ -1322,7 +1318,7 @@ impl EventLog for KafkaLog {
         };
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
-            tpl.add_partition(&self.topic, p as i32);
+            tpl.add_partition(&self.config.topic, p as i32);
         }
         let committed = group
             .consumer
@@ -1332,7 +1328,7 @@ impl EventLog for KafkaLog {
             .iter()
             .map(|&p| {
                 committed
-                    .find_partition(&self.topic, p as i32)
+                    .find_partition(&self.config.topic, p as i32)
                     .and_then(|e| match e.offset() {
                         Offset::Offset(o) if o >= 0 => Some(o as u64),
                         _ => None,
@@ -1350,7 +1346,7 @@ impl EventLog for KafkaLog {
         }
         let mut tpl = TopicPartitionList::new();
         for &(p, o) in offsets {
-            tpl.add_partition_offset(&self.topic, p as i32, Offset::Offset(o as i64))
+            tpl.add_partition_offset(&self.config.topic, p as i32, Offset::Offset(o as i64))
                 .map_err(|e| broker_error("committing offsets", e))?;
         }
         group

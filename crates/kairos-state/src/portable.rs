@@ -126,19 +126,14 @@ impl PortableProfile {
         if !self.in_range() {
             return None;
         }
-        let items: Vec<u32> = self.items.iter().map(|n| state.intern_item(n)).collect();
-        let categories: Vec<u32> = self
+        let items = self.items.iter().map(|n| state.intern_item(n)).collect();
+        let categories = self
             .categories
             .iter()
             .map(|n| state.categories.intern(n))
             .collect();
-        let brands: Vec<u32> = self.brands.iter().map(|n| state.brands.intern(n)).collect();
-        Some(remap(
-            &self.profile,
-            |i| items[i as usize],
-            |c| categories[c as usize],
-            |b| brands[b as usize],
-        ))
+        let brands = self.brands.iter().map(|n| state.brands.intern(n)).collect();
+        Some(self.renumbered(items, categories, brands))
     }
 
     /// The profile in `state`'s numbering, without changing `state`: `None` when it names an
@@ -148,39 +143,42 @@ impl PortableProfile {
         if !self.in_range() {
             return None;
         }
-        let items: Option<Vec<u32>> = self.items.iter().map(|n| state.items.get(n)).collect();
-        let categories: Option<Vec<u32>> = self
+        let items: Option<_> = self.items.iter().map(|n| state.items.get(n)).collect();
+        let categories: Option<_> = self
             .categories
             .iter()
             .map(|n| state.categories.get(n))
             .collect();
-        let brands: Option<Vec<u32>> = self.brands.iter().map(|n| state.brands.get(n)).collect();
-        let (items, categories, brands) = (items?, categories?, brands?);
-        Some(remap(
+        let brands: Option<_> = self.brands.iter().map(|n| state.brands.get(n)).collect();
+        Some(self.renumbered(items?, categories?, brands?))
+    }
+
+    /// The profile with its own tables' positions replaced by `items`, `categories` and
+    /// `brands` (a node's numbers, by position).
+    fn renumbered(&self, items: Vec<u32>, categories: Vec<u32>, brands: Vec<u32>) -> Profile {
+        remap(
             &self.profile,
             |i| items[i as usize],
             |c| categories[c as usize],
             |b| brands[b as usize],
-        ))
+        )
     }
 
     /// Whether every reference of the profile is within its own tables.
     fn in_range(&self) -> bool {
-        let in_range = |p: &Profile| {
-            let items = self.items.len() as u32;
-            p.recent.iter().all(|i| i.item < items)
-                && p.cart.iter().all(|l| l.0 < items)
-                && p.purchased.iter().all(|&i| i < items)
-                && p.categories
-                    .entries
-                    .iter()
-                    .all(|e| (e.0 as usize) < self.categories.len())
-                && p.brands
-                    .entries
-                    .iter()
-                    .all(|e| (e.0 as usize) < self.brands.len())
-        };
-        in_range(&self.profile)
+        let p = &self.profile;
+        let items = self.items.len() as u32;
+        p.recent.iter().all(|i| i.item < items)
+            && p.cart.iter().all(|l| l.0 < items)
+            && p.purchased.iter().all(|&i| i < items)
+            && p.categories
+                .entries
+                .iter()
+                .all(|e| (e.0 as usize) < self.categories.len())
+            && p.brands
+                .entries
+                .iter()
+                .all(|e| (e.0 as usize) < self.brands.len())
     }
 }
 

@@ -174,8 +174,9 @@ pub struct GroupView {
     /// Whether to record the model updates of what is applied, for the API replicas (see
     /// [`kairos_types::model`]); the mirror publishes them.
     pub publish_model: bool,
-    /// Which partitions the replica owns, as of the batch being applied: catalogue entries are
-    /// applied by every replica and published by the owner of their partition only.
+    /// Which partitions the replica owns (kept by its partitioning on every reassignment):
+    /// catalogue entries are applied by every replica and published by the owner of their
+    /// partition only.
     pub owned: Vec<bool>,
     /// The position of the entry being applied.
     pub applying: (u32, u64),
@@ -859,8 +860,7 @@ mod tests {
                 let pos = LogPosition { partition, offset: offsets[p], seq: n as u64 + 1 };
                 offsets[p] += 1;
                 group.apply(pos, &entry);
-                let taken = std::mem::take(&mut group.group.as_mut().unwrap().model_ops);
-                recorded.push(crate::store::model_batches_for_tests(taken, group.clock));
+                recorded.push(crate::store::take_model(&mut group));
             }
             let batches: Vec<ModelBatch> = recorded.iter().flatten().cloned().collect();
             let mut api = State::new(StateConfig::default());

@@ -129,15 +129,6 @@ pub fn take_model(state: &mut State) -> Vec<kairos_types::ModelBatch> {
 /// broker's default message size limit (1 MB).
 pub const MODEL_BATCH_ENTRIES: usize = 500;
 
-/// [`model_batches`], for the state's tests.
-#[cfg(test)]
-pub(crate) fn model_batches_for_tests(
-    ops: Vec<(u32, u64, kairos_types::ModelOp)>,
-    clock: i64,
-) -> Vec<kairos_types::ModelBatch> {
-    model_batches(ops, clock)
-}
-
 /// Groups recorded model updates (position, update; in apply order) into batches per partition.
 fn model_batches(
     ops: Vec<(u32, u64, kairos_types::ModelOp)>,

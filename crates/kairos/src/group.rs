@@ -211,11 +211,6 @@ impl Partitioning for RedisPartitioning {
         // Here, on the thread that applies: a profile dropped between its load below and its
         // events' apply would start again empty.
         let evicted = self.store.evict_copied_profiles(self.max_profiles);
-        if let Some(group) = &mut self.store.write().group {
-            // For the model updates: catalogue entries are published by their partition's owner.
-            group.owned.clear();
-            group.owned.extend_from_slice(owned);
-        }
         for key in &evicted {
             self.fences.remove(key);
         }
@@ -295,6 +290,10 @@ impl Partitioning for RedisPartitioning {
             // Learnt from the partitions' markers by the next `lost`, which runs at once.
             for &(p, _) in gained {
                 group.tokens[p as usize] = 0;
+                group.owned[p as usize] = true;
+            }
+            for &p in released {
+                group.owned[p as usize] = false;
             }
         }
         self.last_marker_check = None;
@@ -439,10 +438,12 @@ impl RedisPartitioning {
     }
 }
 
-/// The state's group view, with an incarnation slot for each of the log's `partitions`.
+/// The state's group view, with an incarnation and an ownership slot for each of the log's
+/// `partitions`.
 fn group_view(state: &mut State, partitions: u32) -> &mut GroupView {
     let group = state.group.get_or_insert_with(GroupView::default);
     group.tokens.resize(partitions as usize, 0);
+    group.owned.resize(partitions as usize, false);
     group
 }
 

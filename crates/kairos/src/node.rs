@@ -200,12 +200,7 @@ impl Node {
         use crate::group::{commit_durable, partition_of, RedisPartitioning};
         use kairos_state::redis_mirror::RedisProfiles;
         let need = "the process role shares a Kafka log's partitions and keeps the profiles in Redis: it needs log = \"kafka://HOST:PORT\" and state = \"redis://HOST:PORT\" (or redis-cluster://…)";
-        let LogBackend::Kafka { brokers } = config.log_backend()? else {
-            return Err(need.into());
-        };
-        let StateBackend::Redis { url } = config.state_backend()? else {
-            return Err(need.into());
-        };
+        let (brokers, url) = kafka_and_redis(config, need)?;
         if config.kafka.group.is_empty() {
             return Err(
                 "kafka.group (the consumer group of the processor replicas) is empty".into(),
@@ -284,12 +279,7 @@ impl Node {
         use kairos_api::replica::{RecCache, Replica};
         use kairos_state::redis_reader::{follow_changes, Change, ProfilePool};
         let need = "the api role reads the model the processor replicas publish on Kafka and the profiles in Redis: it needs log = \"kafka://HOST:PORT\" and state = \"redis://HOST:PORT\" (or redis-cluster://…)";
-        let LogBackend::Kafka { brokers } = config.log_backend()? else {
-            return Err(need.into());
-        };
-        let StateBackend::Redis { url } = config.state_backend()? else {
-            return Err(need.into());
-        };
+        let (brokers, url) = kafka_and_redis(config, need)?;
         if config.kafka.model_topic.is_empty() {
             return Err("kafka.model_topic is empty: the api role builds its model from the updates the processor replicas publish there".into());
         }
@@ -520,6 +510,18 @@ fn start_mirror(
         handle,
         synced_file,
     })
+}
+
+/// The brokers and the Redis URL of a role that needs both (`need` says so otherwise).
+#[cfg(all(feature = "kafka", feature = "redis"))]
+fn kafka_and_redis(config: &Config, need: &str) -> Result<(String, String), String> {
+    let LogBackend::Kafka { brokers } = config.log_backend()? else {
+        return Err(need.into());
+    };
+    let StateBackend::Redis { url } = config.state_backend()? else {
+        return Err(need.into());
+    };
+    Ok((brokers, url))
 }
 
 /// The Kafka log on `brokers`, numbering from `start_seq`, with a consumer if `consume`.
