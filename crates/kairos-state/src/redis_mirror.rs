@@ -440,6 +440,7 @@ impl RedisProfiles {
         let mut next: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
         for _ in 0..3 {
             next.retain(|k| !person.keys.contains(k));
+            next.sort_unstable();
             next.dedup();
             if next.is_empty() {
                 break;
