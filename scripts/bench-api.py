@@ -7,7 +7,9 @@ fills a four-partition topic with `kairos bench --quick --scenario ingest` (the 
 events, 20,000 users), has one `kairos process` replica apply it (profiles to Redis, model updates
 to the model topic), then measures, one server at a time on the two cores:
 
-- start-up: how long a new `kairos api` takes to build its model from the model topic;
+- start-up: how long a new `kairos api` takes to build its model from the model topic, what
+  saving that model in Redis costs (`api.model_save_secs`), and how long the next replica takes
+  to start from the save;
 - for_you on the API replica, answers cached (1,000 users asked round robin, all cached after the
   first pass), then with the cache off (`api.cache_ttl_ms = 0`: every request reads the person's
   profiles from Redis), then the empty handler (`/healthz`) of the same replica;
@@ -98,11 +100,19 @@ def main():
 
         print("starting a kairos api replica", file=sys.stderr)
         started = time.time()
-        api = start_kairos("api", env, os.path.join(work, "api"))
+        saving_env = dict(env)
+        saving_env["KAIROS_API__MODEL_SAVE_SECS"] = "2"
+        api = start_kairos("api", saving_env, os.path.join(work, "api"))
         children.append(api[0])
         wait_ready(api[1], "kairos api")
         entries, done = settle(api[1], "kairos_model_entries_applied")
         build_s = done - started
+        deadline = time.time() + 120
+        while metrics(api[1]).get("kairos_model_saved_entries") != entries:
+            if time.time() > deadline:
+                sys.exit("the API replica never saved its model in Redis")
+            time.sleep(0.2)
+        saved = metrics(api[1])
         stop([process[0]])
         children.remove(process[0])
 
@@ -132,10 +142,13 @@ def main():
 
         uncached_env = dict(env)
         uncached_env["KAIROS_API__CACHE_TTL_MS"] = "0"
+        started = time.time()
         uncached = start_kairos("api", uncached_env, os.path.join(work, "api-uncached"))
         children.append(uncached[0])
         wait_ready(uncached[1], "kairos api")
-        settle(uncached[1], "kairos_model_entries_applied")
+        _, done = settle(uncached[1], "kairos_model_entries_applied")
+        restore_s = done - started
+        restored = metrics(uncached[1]).get("kairos_model_restored_entries", 0)
         measure("api replica, for_you, cache off (Redis read per request)", uncached[1], every,
                 args.seconds, rows)
         stop([uncached[0]])
@@ -152,6 +165,9 @@ def main():
               f"{len(ids):,} users in Redis")
         print(f"api replica start-up: model of {entries:,.0f} entries built in {build_s:.1f} s "
               f"({entries / build_s:,.0f} entries/s)")
+        print(f"model saved in Redis: {saved['kairos_model_save_bytes'] / 1e6:,.1f} MB in "
+              f"{saved['kairos_model_save_ms']:,.0f} ms; the next replica started from it "
+              f"({restored:,.0f} entries) in {restore_s:.1f} s")
         print(f"cached run: {hits:,.0f} hits, {misses:,.0f} misses "
               f"(hit ratio {hits / max(hits + misses, 1):.3f})\n")
         print("| server | max req/s | p50 at 2,000 req/s | p99 at 2,000 req/s |")

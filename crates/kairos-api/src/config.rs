@@ -100,6 +100,10 @@ pub struct ApiConfig {
     pub cache_ttl_ms: u64,
     /// Answers an API replica caches at most.
     pub cache_max_entries: usize,
+    /// How often API replicas save their model in Redis, taking turns (0: never), so that a
+    /// replica starting later begins from the newest save instead of the model topic's first
+    /// record (see `kairos_state::redis_model`).
+    pub model_save_secs: u64,
 }
 
 impl Default for ApiConfig {
@@ -108,6 +112,7 @@ impl Default for ApiConfig {
             read_your_writes_timeout_ms: 2000,
             read_others_writes_timeout_ms: 0,
             cache_ttl_ms: 2000,
+            model_save_secs: 300,
             cache_max_entries: 100_000,
         }
     }

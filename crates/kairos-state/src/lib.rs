@@ -18,6 +18,8 @@ pub mod profile;
 #[cfg(feature = "redis")]
 pub mod redis_mirror;
 #[cfg(feature = "redis")]
+pub mod redis_model;
+#[cfg(feature = "redis")]
 pub mod redis_reader;
 pub mod session_model;
 pub mod state;

@@ -237,9 +237,14 @@ impl RedisProfiles {
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
+    /// The prefix of every key (`[redis] prefix`).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.settings.prefix
+    }
+
     /// Runs `cmds` in one pipeline (every command names keys of one slot). After an error Redis
     /// did not answer itself (a timeout, a dropped connection), the next call reconnects.
-    fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+    pub(crate) fn run(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         let result = match self.connection()? {
             Connection::Single(c) => {
                 let mut p = redis::pipe();

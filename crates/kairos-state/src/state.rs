@@ -264,6 +264,12 @@ impl State {
         }
     }
 
+    /// Takes this node's settings over those a snapshot was written with.
+    pub fn adopt_config(&mut self, config: &StateConfig) {
+        *self.sessions.config_mut() = config.session_model.clone();
+        self.config = config.clone();
+    }
+
     /// Applies model updates a processor replica published (an API replica's state, which holds
     /// the model and no profile). Entries at or below the last one applied of their partition
     /// are skipped: a replica that took a partition over publishes them again.

@@ -178,8 +178,7 @@ impl EmbeddedStore {
         for path in list_snapshots(dir)?.into_iter().rev() {
             match read_snapshot(&path) {
                 Ok(mut s) => {
-                    *s.sessions.config_mut() = config.session_model.clone();
-                    s.config = config.clone();
+                    s.adopt_config(&config);
                     tracing::info!(path = %path.display(), seq = s.checkpoint.seq, "restored state snapshot");
                     state = Some(s);
                     break;
@@ -193,6 +192,16 @@ impl EmbeddedStore {
             dir: dir.to_owned(),
             state: RwLock::new(state.unwrap_or_else(|| State::new(config))),
         })
+    }
+
+    /// An in-memory store that never touches disk, starting from `state` (a snapshot read from
+    /// elsewhere: an API replica's model from Redis) under this node's `config`.
+    pub fn in_memory_from(mut state: State, config: StateConfig) -> EmbeddedStore {
+        state.adopt_config(&config);
+        EmbeddedStore {
+            dir: PathBuf::new(),
+            state: RwLock::new(state),
+        }
     }
 
     /// An in-memory store that never touches disk (evaluation, tests).
@@ -492,6 +501,39 @@ fn snapshot_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("snapshot-{seq:020}.bin"))
 }
 
+/// The header of a snapshot of `body` (see the module docs).
+fn snapshot_header(body: &[u8]) -> Vec<u8> {
+    let mut header = Vec::with_capacity(20);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    header
+}
+
+/// `state` in the snapshot format (header and body), for a snapshot kept somewhere else than a
+/// file: an API replica's model in Redis.
+pub fn encode_snapshot(state: &State) -> Result<Vec<u8>, StateError> {
+    let body = serialize(state)?;
+    let mut bytes = snapshot_header(&body);
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
+/// The state in `bytes`, written by [`encode_snapshot`] (or read from a snapshot file), its
+/// header and checksum verified; `what` names where it came from, for errors.
+pub fn decode_snapshot(bytes: &[u8], what: &str) -> Result<State, StateError> {
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
+        return Err(StateError::Corrupt(format!("{what}: bad header")));
+    }
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
+    let body = &bytes[20..];
+    if body.len() != len || crc32fast::hash(body) != crc {
+        return Err(StateError::Corrupt(format!("{what}: checksum mismatch")));
+    }
+    postcard::from_bytes(body).map_err(|e| StateError::Corrupt(format!("{what}: {e}")))
+}
+
 /// Writes `body` as the snapshot of `checkpoint`: a temporary file, fsynced, renamed into place,
 /// the directory fsynced.
 fn write_snapshot(
@@ -502,10 +544,7 @@ fn write_snapshot(
     let path = snapshot_path(dir, checkpoint.seq);
     let tmp = path.with_extension("bin.tmp");
     let mut file = fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-    let mut header = Vec::with_capacity(20);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
-    header.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    let header = snapshot_header(body);
     file.write_all(&header)
         .and_then(|_| file.write_all(body))
         .and_then(|_| file.sync_all())
@@ -555,22 +594,7 @@ fn list_snapshots(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
 
 fn read_snapshot(path: &Path) -> Result<State, StateError> {
     let bytes = fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
-    if bytes.len() < 20 || &bytes[..8] != MAGIC {
-        return Err(StateError::Corrupt(format!(
-            "{}: bad header",
-            path.display()
-        )));
-    }
-    let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
-    let body = &bytes[20..];
-    if body.len() != len || crc32fast::hash(body) != crc {
-        return Err(StateError::Corrupt(format!(
-            "{}: checksum mismatch",
-            path.display()
-        )));
-    }
-    postcard::from_bytes(body).map_err(|e| StateError::Corrupt(format!("{}: {e}", path.display())))
+    decode_snapshot(&bytes, &path.display().to_string())
 }
 
 #[cfg(test)]

@@ -45,8 +45,8 @@ pub struct Node {
     /// The thread writing profiles to Redis (it returns whether it stopped with every change
     /// written), its stop flag, and the file that records it.
     mirror: Option<Mirror>,
-    /// An API replica's thread following the profile change channel.
-    subscriber: Option<JoinHandle<()>>,
+    /// An API replica's threads: following the profile change channel, saving the model.
+    helpers: Vec<JoinHandle<()>>,
 }
 
 impl Node {
@@ -138,7 +138,7 @@ impl Node {
             stop,
             processor: Some(handle),
             mirror,
-            subscriber: None,
+            helpers: Vec::new(),
         })
     }
 
@@ -167,7 +167,7 @@ impl Node {
             stop: Arc::new(AtomicBool::new(false)),
             processor: None,
             mirror: None,
-            subscriber: None,
+            helpers: Vec::new(),
         })
     }
 
@@ -261,7 +261,7 @@ impl Node {
             stop,
             processor: Some(handle),
             mirror: Some(mirror),
-            subscriber: None,
+            helpers: Vec::new(),
         })
     }
 
@@ -277,6 +277,8 @@ impl Node {
     #[cfg(all(feature = "kafka", feature = "redis"))]
     fn start_api(config: &Config) -> Result<Node, String> {
         use kairos_api::replica::{RecCache, Replica};
+        use kairos_state::redis_mirror::RedisProfiles;
+        use kairos_state::redis_model;
         use kairos_state::redis_reader::{follow_changes, Change, ProfilePool};
         let need = "the api role reads the model the processor replicas publish on Kafka and the profiles in Redis: it needs log = \"kafka://HOST:PORT\" and state = \"redis://HOST:PORT\" (or redis-cluster://…)";
         let (brokers, url) = kafka_and_redis(config, need)?;
@@ -287,7 +289,34 @@ impl Node {
         pool.check()
             .map_err(|e| format!("state backend: cannot reach Redis at {url:?}: {e}"))?;
         let registry = Arc::new(Registry::default());
-        let store: Arc<dyn StateStore> = Arc::new(EmbeddedStore::in_memory(config.model.clone()));
+        // The newest model saved in Redis, if any: the model topic is then read from where it ends.
+        let mut redis = RedisProfiles::new(&url, config.redis.clone())?;
+        let restored = match redis_model::load(&mut redis) {
+            Ok(Some(loaded)) => {
+                tracing::info!(
+                    bytes = loaded.bytes,
+                    entries = loaded.state.model_applied.iter().sum::<u64>(),
+                    "model loaded from its save in Redis; reading the model topic from where it ends"
+                );
+                Some(loaded.state)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the model saved in Redis is unusable; building the model from the start of the model topic");
+                None
+            }
+        };
+        registry
+            .gauge(
+                "kairos_model_restored_entries",
+                "Events-topic entries the model an API replica loaded from its save in Redis at start reflected (0: built from the start of the model topic).",
+                &[],
+            )
+            .set(restored.as_ref().map_or(0, |s| s.model_applied.iter().sum::<u64>()) as i64);
+        let store: Arc<dyn StateStore> = Arc::new(match restored {
+            Some(state) => EmbeddedStore::in_memory_from(state, config.model.clone()),
+            None => EmbeddedStore::in_memory(config.model.clone()),
+        });
         let log = open_model_log(config, &brokers, true)?;
         let cache = RecCache::new(
             std::time::Duration::from_millis(config.api.cache_ttl_ms),
@@ -301,8 +330,8 @@ impl Node {
             &[],
             move || s.read().model_applied.iter().sum::<u64>() as f64,
         );
-        let (app, mut processor) = wire(config, &log, &store, registry);
-        // Nothing is kept on disk: a replica rebuilds its model from the topic when it starts.
+        let (app, mut processor) = wire(config, &log, &store, registry.clone());
+        // Nothing is kept on disk: a replica starts from the model saved in Redis, or the topic.
         processor.without_snapshots();
         if config.model.trending_refresh_ms > 0 {
             let recommend = config.recommend.clone();
@@ -330,6 +359,47 @@ impl Node {
                 }
             })
             .map_err(|e| format!("starting the Redis subscriber thread: {e}"))?;
+        let mut helpers = vec![subscriber];
+        if config.api.model_save_secs > 0 {
+            let saver = ModelSaver {
+                redis,
+                store: store.clone(),
+                app: app.clone(),
+                stop: stop.clone(),
+                every: std::time::Duration::from_secs(config.api.model_save_secs),
+                holder: format!(
+                    "{}-{}",
+                    std::env::var("HOSTNAME").unwrap_or_default(),
+                    std::process::id()
+                ),
+                saves: registry.counter(
+                    "kairos_model_saves_total",
+                    "Models this API replica saved in Redis (replicas take turns).",
+                    &[],
+                ),
+                bytes: registry.gauge(
+                    "kairos_model_save_bytes",
+                    "Size of the last model this API replica saved in Redis.",
+                    &[],
+                ),
+                entries: registry.gauge(
+                    "kairos_model_saved_entries",
+                    "Events-topic entries the last model this API replica saved in Redis reflected.",
+                    &[],
+                ),
+                took_ms: registry.gauge(
+                    "kairos_model_save_ms",
+                    "How long the last save of this API replica's model took: encoding it under the read lock, then writing it to Redis.",
+                    &[],
+                ),
+            };
+            helpers.push(
+                std::thread::Builder::new()
+                    .name("kairos-model-save".into())
+                    .spawn(move || saver.run())
+                    .map_err(|e| format!("starting the model save thread: {e}"))?,
+            );
+        }
         let handle = spawn_processor(processor, app.clone(), stop.clone())?;
         Ok(Node {
             app,
@@ -339,7 +409,7 @@ impl Node {
             stop,
             processor: Some(handle),
             mirror: None,
-            subscriber: Some(subscriber),
+            helpers,
         })
     }
 
@@ -374,8 +444,8 @@ impl Node {
         };
         // After the processor's last apply, so that Redis ends with what the state holds.
         self.stop_mirror();
-        if let Some(subscriber) = self.subscriber.take() {
-            let _ = subscriber.join();
+        for helper in self.helpers.drain(..) {
+            let _ = helper.join();
         }
         // An ingest node's appends are flushed to the broker here.
         self.log.close().map_err(|e| format!("closing log: {e}"))?;
@@ -594,6 +664,78 @@ fn model_publisher(log: Arc<dyn EventLog>) -> kairos_state::redis_mirror::Publis
 
 /// The [`kairos_api::replica::ProfileReader`] of an API replica: Redis, through a pool.
 #[cfg(all(feature = "kafka", feature = "redis"))]
+/// An API replica's thread saving its model in Redis every `every`, in turns with the other
+/// replicas (see `kairos_state::redis_model`).
+#[cfg(all(feature = "kafka", feature = "redis"))]
+struct ModelSaver {
+    redis: kairos_state::redis_mirror::RedisProfiles,
+    store: Arc<dyn StateStore>,
+    app: Arc<AppState>,
+    stop: Arc<AtomicBool>,
+    every: std::time::Duration,
+    /// This replica's name in the turn lock.
+    holder: String,
+    saves: Arc<kairos_types::metrics::Counter>,
+    bytes: Arc<kairos_types::metrics::Gauge>,
+    entries: Arc<kairos_types::metrics::Gauge>,
+    took_ms: Arc<kairos_types::metrics::Gauge>,
+}
+
+#[cfg(all(feature = "kafka", feature = "redis"))]
+impl ModelSaver {
+    fn run(mut self) {
+        use kairos_state::redis_model;
+        let mut saved_entries = 0;
+        let mut next = Instant::now() + self.every;
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            // A replica still catching up would save an older model than the others have.
+            if Instant::now() < next || !self.app.ready.load(Ordering::Acquire) {
+                continue;
+            }
+            next = Instant::now() + self.every;
+            let entries: u64 = self.store.read().model_applied.iter().sum();
+            if entries == saved_entries {
+                continue;
+            }
+            let turn = redis_model::take_turn(
+                &mut self.redis,
+                &self.holder,
+                self.every.as_millis() as u64,
+            );
+            match turn {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "saving the model in Redis: cannot take the turn");
+                    continue;
+                }
+            }
+            let started = Instant::now();
+            // Encoded under the read lock (the processor waits, requests do not); written after.
+            let prepared = redis_model::Prepared::of(&self.store.read());
+            let saved = prepared.and_then(|model| redis_model::save(&mut self.redis, &model));
+            match saved {
+                Ok(saved) => {
+                    saved_entries = saved.entries;
+                    self.saves.inc();
+                    self.bytes.set(saved.bytes as i64);
+                    self.entries.set(saved.entries as i64);
+                    self.took_ms.set(started.elapsed().as_millis() as i64);
+                    tracing::info!(
+                        bytes = saved.bytes,
+                        chunks = saved.chunks,
+                        entries = saved.entries,
+                        ms = started.elapsed().as_millis() as u64,
+                        "model saved in Redis"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "saving the model in Redis failed"),
+            }
+        }
+    }
+}
+
 struct PoolReader(kairos_state::redis_reader::ProfilePool);
 
 #[cfg(all(feature = "kafka", feature = "redis"))]
@@ -611,9 +753,11 @@ impl Drop for Node {
             let _ = self.log.close();
         }
         self.stop_mirror();
-        if let Some(subscriber) = self.subscriber.take() {
+        if !self.helpers.is_empty() {
             self.stop.store(true, Ordering::Release);
-            let _ = subscriber.join();
+            for helper in self.helpers.drain(..) {
+                let _ = helper.join();
+            }
         }
     }
 }

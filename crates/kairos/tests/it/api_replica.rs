@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 
 use crate::group::{metric, wait_until};
 use crate::support::{
-    http, KafkaBroker, Redis, RedisCluster, RedisServer, ScaleOut, Server, TempDir,
+    assert_states_equal, http, KafkaBroker, Redis, RedisCluster, RedisServer, ScaleOut, Server,
+    TempDir,
 };
 
 fn get(addr: &str, path: &str) -> (u16, Value) {
@@ -215,11 +216,44 @@ fn replica_suite(mut redis: Redis) {
         body["message"].as_str().unwrap().contains("kairos api"),
         "{body}"
     );
-    // A replica started later builds the same model from the start of the model topic.
+    // A replica started later, with no model saved in Redis yet (the replicas above save every
+    // five minutes), builds the same model from the start of the model topic.
     let late = Server::start("api", &dir("late-api"), &with_redis);
     caught_up(&late.addr);
+    assert_eq!(metric(&late.addr, "kairos_model_restored_entries"), Some(0));
     same_as_single(&late.addr);
+    let read_from_topic = metric(&late.addr, "kairos_processor_entries_applied_total").unwrap();
     drop(late);
+    // A replica that saves its model in Redis every second, and one started after its save: it
+    // loads the save, reads the model topic only from where the save ends, and serves the same.
+    let mut saving = with_redis.clone();
+    saving.push(("KAIROS_API__MODEL_SAVE_SECS".into(), "1".into()));
+    let saver = Server::start("api", &dir("saving-api"), &saving);
+    caught_up(&saver.addr);
+    wait_until(
+        "the model is saved in Redis",
+        Duration::from_secs(30),
+        || metric(&saver.addr, "kairos_model_saved_entries") == Some(entries),
+    );
+    let restored = Server::start("api", &dir("restored-api"), &with_redis);
+    caught_up(&restored.addr);
+    assert_eq!(
+        metric(&restored.addr, "kairos_model_restored_entries"),
+        Some(entries),
+        "the replica did not start from the saved model"
+    );
+    let read_after_save = metric(&restored.addr, "kairos_processor_entries_applied_total").unwrap();
+    assert!(
+        read_after_save < read_from_topic,
+        "a replica starting from the save read {read_after_save} model-topic records, one \
+         building from the topic {read_from_topic}"
+    );
+    eprintln!(
+        "model topic records read: {read_from_topic} building from the topic, \
+         {read_after_save} after loading the save"
+    );
+    same_as_single(&restored.addr);
+    drop((saver, restored));
     // Served again, from the cache now: still the same.
     let hits_before = metric(&api.addr, "kairos_api_cache_hits_total").unwrap();
     assert_eq!(answers(&api.addr), expected);
@@ -354,4 +388,80 @@ fn replica_suite(mut redis: Redis) {
         .unwrap()
         .ends_with("#state_unavailable"));
     drop((ingest, process, api, single));
+}
+
+/// A model saved in Redis in many chunks loads back whole, with the positions the snapshot
+/// format leaves out; a newer save replaces it and leaves no chunk of it behind.
+#[test]
+fn a_model_saved_in_redis_in_chunks_loads_back_whole() {
+    use kairos_state::redis_mirror::RedisProfiles;
+    use kairos_state::redis_model::{load, save_in_chunks, Prepared};
+    use kairos_state::{LogPosition, RedisSettings, State, StateConfig};
+    use kairos_types::{normalize_json, LogEntry, RequestContext};
+
+    let redis = RedisServer::start();
+    let mut conn = RedisProfiles::new(&redis.url(), RedisSettings::default()).unwrap();
+    assert!(load(&mut conn).unwrap().is_none(), "nothing saved yet");
+    let mut state = State::new(StateConfig::default());
+    for n in 0..200u64 {
+        let raw = format!(
+            r#"{{"type":"track","event":"product_view","anonymousId":"a{}","messageId":"m{n}","properties":{{"product_id":"p{}"}}}}"#,
+            n % 7,
+            n % 11
+        );
+        let req = RequestContext {
+            received_at: 1_000 + n as i64,
+            ..Default::default()
+        };
+        let pos = LogPosition {
+            partition: 0,
+            offset: n,
+            seq: n + 1,
+        };
+        state.apply(pos, &LogEntry::Event(normalize_json(&raw, &req).unwrap()));
+    }
+    state.model_applied = vec![120, 0, 80];
+    let keys = |conn: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg("kairos:model:*")
+            .query(conn)
+            .unwrap()
+    };
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let first = save_in_chunks(&mut conn, &Prepared::of(&state).unwrap(), 97).unwrap();
+    assert!(first.chunks > 10, "{first:?}");
+    assert_eq!(first.entries, 200);
+    let loaded = load(&mut conn).unwrap().expect("a save");
+    assert_eq!(loaded.bytes, first.bytes);
+    assert_states_equal(&loaded.state, &state);
+    assert_eq!(loaded.state.model_applied, state.model_applied);
+    assert_eq!(
+        keys(&mut raw).len() as u64,
+        first.chunks + 1,
+        "chunks and manifest"
+    );
+    // A newer save: the older one's chunks are gone.
+    state.model_applied[1] = 5;
+    let second = save_in_chunks(&mut conn, &Prepared::of(&state).unwrap(), 1000).unwrap();
+    assert_eq!(keys(&mut raw).len() as u64, second.chunks + 1);
+    assert_eq!(
+        load(&mut conn).unwrap().unwrap().state.model_applied,
+        vec![120, 5, 80]
+    );
+    // A corrupt save is refused, not used.
+    let chunk: String = keys(&mut raw)
+        .into_iter()
+        .find(|k| k.ends_with(":0"))
+        .unwrap();
+    let _: () = redis::cmd("SETRANGE")
+        .arg(&chunk)
+        .arg(30)
+        .arg("xx")
+        .query(&mut raw)
+        .unwrap();
+    let refused = load(&mut conn).err().expect("a corrupt save is an error");
+    assert!(refused.contains("checksum"), "{refused}");
 }

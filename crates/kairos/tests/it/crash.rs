@@ -19,7 +19,7 @@ use kairos_log::{EmbeddedLog, EventLog, KafkaLog, KafkaLogConfig};
 use kairos_state::{EmbeddedStore, LogPosition, State, StateStore};
 use kairos_types::LogEntry;
 
-use crate::support::{http, test_config, Backend, Server, TempDir};
+use crate::support::{assert_states_equal, http, test_config, Backend, Server, TempDir};
 
 fn terminate(mut server: Server) {
     let status = Command::new("kill")
@@ -75,23 +75,6 @@ fn read_log(backend: &Backend, dir: &Path) -> Vec<(LogPosition, LogEntry)> {
     out.sort_by_key(|(pos, _)| pos.seq);
     log.close().unwrap();
     out
-}
-
-fn assert_states_equal(a: &State, b: &State) {
-    assert_eq!(a.checkpoint, b.checkpoint);
-    assert_eq!(a.counters, b.counters);
-    assert_eq!(a.clock, b.clock);
-    assert_eq!(a.items.len(), b.items.len());
-    for i in 0..a.items.len() as u32 {
-        assert_eq!(a.items.name(i), b.items.name(i));
-    }
-    assert!(a.item_data == b.item_data, "item state differs");
-    assert_eq!(a.users.len(), b.users.len());
-    for (k, p) in &a.users {
-        assert_eq!(Some(p), b.users.get(k), "profile {k} differs");
-    }
-    assert_eq!(a.links, b.links);
-    assert!(a.sessions == b.sessions, "session model differs");
 }
 
 #[test]

@@ -222,6 +222,13 @@ async fn changes_that_missed_redis_at_shutdown_are_written_at_the_next_start() {
     let Redis::Single(server) = &mut redis else {
         unreachable!()
     };
+    // The marker that Redis holds every profile follows the first full pass (it is checked every
+    // second): killed before it, Redis would come back without it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.cli(&["EXISTS", "kairos:meta"]).trim() != "1" {
+        assert!(Instant::now() < deadline, "the node never set the marker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.kill();
     let (s, _) = node.post("/v1/batch", &traffic(6, 100, 100)).await;
     assert_eq!(s, 200);

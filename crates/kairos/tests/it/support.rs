@@ -895,3 +895,22 @@ impl ScaleOut {
         d
     }
 }
+
+/// Asserts that two states hold the same: checkpoint, counters, clock, items, profiles, links and
+/// session model.
+pub fn assert_states_equal(a: &kairos_state::State, b: &kairos_state::State) {
+    assert_eq!(a.checkpoint, b.checkpoint);
+    assert_eq!(a.counters, b.counters);
+    assert_eq!(a.clock, b.clock);
+    assert_eq!(a.items.len(), b.items.len());
+    for i in 0..a.items.len() as u32 {
+        assert_eq!(a.items.name(i), b.items.name(i));
+    }
+    assert!(a.item_data == b.item_data, "item state differs");
+    assert_eq!(a.users.len(), b.users.len());
+    for (k, p) in &a.users {
+        assert_eq!(Some(p), b.users.get(k), "profile {k} differs");
+    }
+    assert_eq!(a.links, b.links);
+    assert!(a.sessions == b.sessions, "session model differs");
+}
