@@ -11,8 +11,8 @@
 //! only needs to cover the time between two saves.
 //!
 //! ## Layout
-//! - `{prefix}:model:snapshot`, a hash, the manifest of the newest save: `id` (a random name),
-//!   `chunks` (how many), `bytes` (their total), `applied` (the state's per-partition positions
+//! - `{prefix}:model:snapshot`, a hash, the manifest of the newest save: `id` (`a` or `b`: saves
+//!   alternate between two sets of chunk keys), `chunks` (how many), `bytes` (their total), `applied` (the state's per-partition positions
 //!   in the events topic, comma-separated: [`State::model_applied`], which the snapshot format
 //!   leaves out) and `written_ms`.
 //! - `{prefix}:model:snapshot:<id>:<n>`, strings: the save, in the state's snapshot format
@@ -25,6 +25,9 @@
 //! - The chunks of a save are written before the manifest names them, and the chunks of the
 //!   save it replaces are deleted only after; a reader that lost that race (its chunks deleted
 //!   under it) reads the manifest again.
+//! - A save writes the set of chunk keys the manifest does not name, so a save cut short (the
+//!   replica died before its manifest) leaves chunks that the next save overwrites: Redis holds
+//!   at most about two saves.
 //! - A save is consistent: the state and `applied` are taken under one read lock.
 //! - Loading verifies the checksum of the whole save; a corrupt or incomplete save is not used
 //!   (the replica builds from the topic and says so).
@@ -124,16 +127,19 @@ pub fn save_in_chunks(
     chunk_bytes: usize,
 ) -> Result<Saved, String> {
     let prefix = redis.prefix().to_owned();
-    let id = format!("{:016x}", rand_id());
+    let previous = read_manifest(redis)?;
+    let id = match &previous {
+        Some(old) if old.id == "a" => "b",
+        _ => "a",
+    };
     let chunks = model.bytes.chunks(chunk_bytes.max(1)).collect::<Vec<_>>();
     for (n, chunk) in chunks.iter().enumerate() {
         let mut cmd = Cmd::new();
         cmd.arg("SET")
-            .arg(chunk_key(&prefix, &id, n as u64))
+            .arg(chunk_key(&prefix, id, n as u64))
             .arg(*chunk);
         redis.run(vec![cmd]).map_err(redis_err)?;
     }
-    let previous = read_manifest(redis)?;
     let written_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -141,7 +147,7 @@ pub fn save_in_chunks(
     cmd.arg("HSET")
         .arg(manifest_key(&prefix))
         .arg("id")
-        .arg(&id)
+        .arg(id)
         .arg("chunks")
         .arg(chunks.len() as u64)
         .arg("bytes")
@@ -246,12 +252,4 @@ fn read_manifest(redis: &mut RedisProfiles) -> Result<Option<Manifest>, String> 
         bytes: number("bytes")?,
         applied,
     }))
-}
-
-/// A name no other save has: the clock and the process, hashed.
-fn rand_id() -> u64 {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    kairos_types::stable_hash64(&[&nanos.to_le_bytes(), &std::process::id().to_le_bytes()])
 }
