@@ -440,9 +440,10 @@ fn a_broker_restart_loses_no_acknowledged_event() {
         }
     };
     // Three restarts, each with acknowledged events before and after it, and requests in flight
-    // when it is killed. (Not an outage longer than `ack_timeout_ms`: librdkafka then bumps the
-    // producer's epoch, and tansu 0.6's SQLite engine panics on that and refuses every produce
-    // request until restarted; docs/SCALING.md, "The broker must be durable".)
+    // when it is killed. (Not an outage longer than `ack_timeout_ms`: librdkafka then times the
+    // records out and resets its producer state, and tansu 0.6's SQLite engine panics in its
+    // idempotence check and refuses every produce request until restarted; docs/SCALING.md,
+    // "The broker must be durable".)
     let mut at_restarts = Vec::new();
     let mut in_flight_at_kills = Vec::new();
     acked_at_least(
