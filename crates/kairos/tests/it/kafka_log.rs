@@ -14,7 +14,7 @@ use kairos_log::{
 
 use serde_json::{json, Value};
 
-use crate::support::{http, Backend, KafkaBroker, Server, TempDir};
+use crate::support::{free_port, http, Backend, KafkaBroker, Server, TempDir, TlsProxy};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -512,6 +512,54 @@ fn a_broker_restart_loses_no_acknowledged_event() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The Kafka log over TLS, as managed brokers require: librdkafka is built with OpenSSL, and
+/// `[kafka] client` passes `security.protocol` and the CA through. The broker's TLS is a proxy's
+/// (see [`TlsProxy`]) the broker advertises. Records go out and come back; a client that trusts
+/// another CA does not connect, and says it cannot reach the brokers.
+#[test]
+fn the_kafka_log_works_over_tls() {
+    let port = free_port();
+    let broker = KafkaBroker::start_advertising(port);
+    let proxy = TlsProxy::start(port, &broker.addr);
+    let tls = |ca: &std::path::Path| KafkaLogConfig {
+        brokers: format!("127.0.0.1:{}", proxy.port),
+        topic: "tls".into(),
+        partitions: 2,
+        properties: vec![
+            ("security.protocol".into(), "ssl".into()),
+            ("ssl.ca.location".into(), ca.display().to_string()),
+        ],
+        ..KafkaLogConfig::default()
+    };
+    let log = KafkaLog::open(tls(&proxy.ca)).unwrap();
+    for p in 0..log.partition_count() {
+        assert!(log.read(p, 0, 10).unwrap().is_empty());
+    }
+    let records = (0..20u64).map(|n| record("ada", n, n + 1)).collect();
+    assert_eq!(log.append(records).wait().unwrap().len(), 20);
+    let read: Vec<Record> = (0..log.partition_count())
+        .flat_map(|p| read_all(&log, p, 0))
+        .collect();
+    let payloads: Vec<String> = read
+        .iter()
+        .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..20).map(|n| format!("ada:{n}")).collect::<Vec<_>>()
+    );
+    drop(log);
+    // Another CA: the proxy's certificate does not verify.
+    let other = TlsProxy::start(free_port(), &broker.addr);
+    let Err(refused) = KafkaLog::open(tls(&other.ca)) else {
+        panic!("a client trusting another CA opened the log");
+    };
+    assert!(
+        refused.to_string().contains("reaching the brokers"),
+        "{refused}"
+    );
 }
 
 /// A broker that restarts without its data (tansu's memory storage) contradicts the ingest

@@ -166,6 +166,8 @@ struct BrokerLaunch {
     storage: String,
     /// The working directory, which relative `sqlite://` paths are relative to.
     dir: Option<PathBuf>,
+    /// The port the broker tells clients to connect to, when not its own (a TLS proxy's).
+    advertised_port: Option<u16>,
 }
 
 impl KafkaBroker {
@@ -174,6 +176,18 @@ impl KafkaBroker {
             bin: tansu_binary(),
             storage: "memory://tansu/".into(),
             dir: None,
+            advertised_port: None,
+        })
+    }
+
+    /// A broker (memory storage) that tells clients to connect to `port`, where a [`TlsProxy`]
+    /// in front of it listens.
+    pub fn start_advertising(port: u16) -> KafkaBroker {
+        Self::launch(BrokerLaunch {
+            bin: tansu_binary(),
+            storage: "memory://tansu/".into(),
+            dir: None,
+            advertised_port: Some(port),
         })
     }
 
@@ -187,11 +201,13 @@ impl KafkaBroker {
                 bin: tansu_binary(),
                 storage,
                 dir: None,
+                advertised_port: None,
             },
             Err(_) => BrokerLaunch {
                 bin: durable_tansu_binary(),
                 storage: "sqlite://tansu.db".into(),
                 dir: Some(dir.to_owned()),
+                advertised_port: None,
             },
         })
     }
@@ -225,13 +241,14 @@ impl KafkaBroker {
         {
             let addr = format!("127.0.0.1:{port}");
             let url = format!("tcp://{addr}");
+            let advertised = format!("tcp://127.0.0.1:{}", launch.advertised_port.unwrap_or(port));
             let mut cmd = Command::new(bin);
             if let Some(dir) = &launch.dir {
                 cmd.current_dir(dir);
             }
             let mut child = dies_with_test(&mut cmd)
                 .args(["broker", "--listener-url", &url])
-                .args(["--advertised-listener-url", &url])
+                .args(["--advertised-listener-url", &advertised])
                 .args(["--storage-engine", &launch.storage])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -262,6 +279,81 @@ impl KafkaBroker {
 }
 
 impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// TLS in front of a plaintext server: `socat` (Debian's) terminating TLS on a loopback port with
+/// a self-signed certificate for 127.0.0.1 made by `openssl` (Debian's) for the test, and
+/// forwarding to the server's port; killed on drop. tansu 0.6 cannot serve TLS itself (its
+/// `--cert` and `--key` flags exclude each other), so the Kafka TLS test puts this in front of it.
+pub struct TlsProxy {
+    child: Child,
+    pub port: u16,
+    /// The certificate, which a client trusts as its CA.
+    pub ca: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsProxy {
+    /// A proxy on `port` forwarding to `target` (HOST:PORT).
+    pub fn start(port: u16, target: &str) -> TlsProxy {
+        let dir = TempDir::new("tls");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("the TLS tests need openssl (Debian's package)");
+        assert!(
+            made.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let listen = format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            cert.display(),
+            key.display()
+        );
+        let mut child = dies_with_test(&mut Command::new("socat"))
+            .arg(listen)
+            .arg(format!("TCP:{target}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the TLS tests need socat (Debian's package; scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "socat exited: port {port} taken?"
+            );
+            assert!(Instant::now() < deadline, "socat never listened on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsProxy {
+            child,
+            port,
+            ca: cert,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TlsProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
