@@ -131,6 +131,9 @@ pub struct RedisSettings {
     /// least recently active ones already written to Redis are dropped, and loaded again from
     /// Redis when their next event comes.
     pub process_max_profiles: usize,
+    /// With TLS to one server (`rediss://`): a PEM file of the CA that signed its certificate;
+    /// empty, the system's trusted CAs (which are all a `rediss-cluster://` client can use).
+    pub tls_ca_file: String,
 }
 
 impl Default for RedisSettings {
@@ -142,6 +145,7 @@ impl Default for RedisSettings {
             batch: 500,
             timeout_ms: 2_000,
             process_max_profiles: 1_000_000,
+            tls_ca_file: String::new(),
         }
     }
 }

@@ -67,9 +67,18 @@ pub enum RedisTarget {
 }
 
 impl RedisTarget {
-    /// Parses `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT,HOST:PORT,…`.
+    /// Parses `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT,HOST:PORT,…`, and their TLS
+    /// forms `rediss://…` and `rediss-cluster://…`. (A cluster's servers must present
+    /// certificates of a CA the system trusts: the client cannot be given one for a cluster.)
     pub fn parse(url: &str) -> Result<RedisTarget, String> {
-        if let Some(nodes) = url.strip_prefix("redis-cluster://") {
+        let cluster = url
+            .strip_prefix("redis-cluster://")
+            .map(|nodes| ("redis", nodes))
+            .or_else(|| {
+                url.strip_prefix("rediss-cluster://")
+                    .map(|nodes| ("rediss", nodes))
+            });
+        if let Some((scheme, nodes)) = cluster {
             let nodes: Vec<&str> = nodes
                 .trim_end_matches('/')
                 .split(',')
@@ -81,19 +90,47 @@ impl RedisTarget {
                     .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty())
             }) {
                 return Err(format!(
-                    "state backend {url:?}: expected redis-cluster://HOST:PORT[,HOST:PORT...]"
+                    "state backend {url:?}: expected {scheme}-cluster://HOST:PORT[,HOST:PORT...]"
                 ));
             }
             return Ok(RedisTarget::Cluster(
-                nodes.iter().map(|n| format!("redis://{n}")).collect(),
+                nodes.iter().map(|n| format!("{scheme}://{n}")).collect(),
             ));
         }
-        if url.starts_with("redis://") && url.len() > "redis://".len() {
-            return Ok(RedisTarget::Single(url.to_owned()));
+        for scheme in ["redis://", "rediss://"] {
+            if url.starts_with(scheme) && url.len() > scheme.len() {
+                return Ok(RedisTarget::Single(url.to_owned()));
+            }
         }
         Err(format!(
-            "state backend {url:?}: expected redis://HOST:PORT or redis-cluster://HOST:PORT[,HOST:PORT...]"
+            "state backend {url:?}: expected redis://HOST:PORT or redis-cluster://HOST:PORT[,HOST:PORT...] (rediss:// and rediss-cluster:// with TLS)"
         ))
+    }
+}
+
+/// The CA of `settings` for TLS connections, or `None` for the system's trusted CAs.
+fn tls_certificates(settings: &RedisSettings) -> RedisResult<Option<redis::TlsCertificates>> {
+    if settings.tls_ca_file.is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(&settings.tls_ca_file).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "cannot read [redis] tls_ca_file",
+            format!("{}: {e}", settings.tls_ca_file),
+        ))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A client for one server at `url`, trusting `[redis] tls_ca_file` when it is a `rediss://` one.
+pub(crate) fn client(url: &str, settings: &RedisSettings) -> RedisResult<redis::Client> {
+    match tls_certificates(settings)? {
+        Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs),
+        _ => redis::Client::open(url),
     }
 }
 
@@ -218,8 +255,7 @@ impl RedisProfiles {
             let timeout = self.timeout();
             let conn = match &self.target {
                 RedisTarget::Single(url) => {
-                    let c =
-                        redis::Client::open(url.as_str())?.get_connection_with_timeout(timeout)?;
+                    let c = client(url, &self.settings)?.get_connection_with_timeout(timeout)?;
                     c.set_read_timeout(Some(timeout))?;
                     c.set_write_timeout(Some(timeout))?;
                     Connection::Single(c)
@@ -947,12 +983,26 @@ mod tests {
                 "redis://b:2".into()
             ]))
         );
+        // TLS: the same, each node with the TLS scheme.
+        assert_eq!(
+            RedisTarget::parse("rediss://h:6380"),
+            Ok(RedisTarget::Single("rediss://h:6380".into()))
+        );
+        assert_eq!(
+            RedisTarget::parse("rediss-cluster://a:1,b:2"),
+            Ok(RedisTarget::Cluster(vec![
+                "rediss://a:1".into(),
+                "rediss://b:2".into()
+            ]))
+        );
         for bad in [
             "redis-cluster://a:1,b",
             "redis-cluster://:1",
             "redis://",
             "redis-cluster://",
             "redis-cluster://a:1,",
+            "rediss://",
+            "rediss-cluster://a",
             "http://x:1",
         ] {
             assert!(RedisTarget::parse(bad).is_err(), "{bad} accepted");

@@ -87,7 +87,7 @@ pub fn follow_changes(
         let node = &nodes[attempt % nodes.len()];
         attempt += 1;
         let subscribed = (|| -> redis::RedisResult<()> {
-            let client = redis::Client::open(node.as_str())?;
+            let client = crate::redis_mirror::client(node, settings)?;
             let mut conn = client.get_connection_with_timeout(timeout)?;
             let mut pubsub = conn.as_pubsub();
             pubsub.subscribe(&channel)?;

@@ -113,7 +113,11 @@ impl Config {
     pub fn state_backend(&self) -> Result<StateBackend, String> {
         match self.state.as_str() {
             "embedded" => Ok(StateBackend::Embedded),
-            other if other.starts_with("redis://") || other.starts_with("redis-cluster://") => {
+            other
+                if ["redis://", "redis-cluster://", "rediss://", "rediss-cluster://"]
+                    .iter()
+                    .any(|scheme| other.starts_with(scheme)) =>
+            {
                 if !cfg!(feature = "redis") {
                     return Err(format!(
                         "state backend {other:?}: this binary was built without the \"redis\" feature"
@@ -121,12 +125,19 @@ impl Config {
                 }
                 #[cfg(feature = "redis")]
                 kairos_state::redis_mirror::RedisTarget::parse(other)?;
+                if other.starts_with("rediss-cluster://") && !self.redis.tls_ca_file.is_empty() {
+                    return Err(format!(
+                        "state backend {other:?}: [redis] tls_ca_file applies to one server \
+                         (rediss://); a cluster's certificates must be signed by a CA the system \
+                         trusts (or one in the bundle SSL_CERT_FILE names)"
+                    ));
+                }
                 Ok(StateBackend::Redis {
                     url: other.to_owned(),
                 })
             }
             other => Err(format!(
-                "unknown state backend {other:?}; expected \"embedded\", \"redis://HOST:PORT\" or \"redis-cluster://HOST:PORT[,HOST:PORT...]\""
+                "unknown state backend {other:?}; expected \"embedded\", \"redis://HOST:PORT\" or \"redis-cluster://HOST:PORT[,HOST:PORT...]\" (rediss:// and rediss-cluster:// with TLS)"
             )),
         }
     }
@@ -284,6 +295,7 @@ mod tests {
         assert_eq!(c.ingest, IngestConfig::default());
         assert_eq!(c.api, ApiConfig::default());
         assert_eq!(c.processor, ProcessorConfig::default());
+        assert_eq!(c.redis, kairos_state::RedisSettings::default());
         let log = c.embedded_log_config().unwrap();
         let d = kairos_log::EmbeddedLogConfig::default();
         assert_eq!(log.partitions, d.partitions);
@@ -292,6 +304,27 @@ mod tests {
         assert_eq!(log.dedup_max_entries, d.dedup_max_entries);
         assert_eq!(log.max_pending_bytes, d.max_pending_bytes);
         assert_eq!(log.fsync, d.fsync);
+    }
+
+    #[test]
+    fn redis_tls_urls_are_accepted_and_a_ca_file_only_for_one_server() {
+        let with = |state: &str, ca: &str| {
+            let env = vec![
+                ("KAIROS_STATE".to_string(), state.to_string()),
+                ("KAIROS_REDIS__TLS_CA_FILE".to_string(), ca.to_string()),
+            ];
+            load(None, env.into_iter(), toml::Table::new()).map(|c| c.state_backend())
+        };
+        if !cfg!(feature = "redis") {
+            return;
+        }
+        assert!(matches!(with("rediss://h:1", "/ca.pem"), Ok(Ok(_))));
+        assert!(matches!(with("rediss-cluster://a:1,b:2", ""), Ok(Ok(_))));
+        let refused = match with("rediss-cluster://a:1,b:2", "/ca.pem") {
+            Ok(Err(e)) | Err(e) => e,
+            Ok(Ok(_)) => panic!("a CA file for a cluster was accepted"),
+        };
+        assert!(refused.contains("tls_ca_file"), "{refused}");
     }
 
     #[test]

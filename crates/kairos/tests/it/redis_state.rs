@@ -12,7 +12,11 @@ use serde_json::{json, Value};
 use kairos_state::portable::{PortableProfile, StoredProfile};
 use kairos_state::profile::Profile;
 
-use crate::support::{ids, Redis, RedisCluster, RedisServer, TempDir, TestNode};
+use kairos::node::Node;
+
+use crate::support::{
+    free_port, ids, test_config, Redis, RedisCluster, RedisServer, TempDir, TestNode, TlsProxy,
+};
 
 fn view(user: &str, item: &str, ts: i64, id: &str) -> Value {
     json!({"type": "track", "event": "product_view", "userId": user, "messageId": id,
@@ -384,4 +388,36 @@ async fn written_profiles_expire_are_announced_and_measured() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     node.shutdown();
+}
+
+/// Redis over TLS (`rediss://` and `[redis] tls_ca_file`): a node writes every profile through a
+/// TLS endpoint (see `TlsProxy`) to the Redis behind it, and one that trusts another CA refuses
+/// to start, naming the certificate it could not verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_reach_redis_over_tls() {
+    let redis = Redis::Single(RedisServer::start());
+    let Redis::Single(server) = &redis else {
+        unreachable!()
+    };
+    let proxy = TlsProxy::start(free_port(), &format!("127.0.0.1:{}", server.port));
+    let tls = |ca: &std::path::Path| {
+        format!(
+            "state = \"rediss://127.0.0.1:{}\"\n[redis]\ntls_ca_file = \"{}\"\n",
+            proxy.port,
+            ca.display()
+        )
+    };
+    let dir = TempDir::new("redis-tls");
+    let node = TestNode::start(dir.path(), &tls(&proxy.ca));
+    load(&node, &redis, 6, 2).await;
+    redis.assert_holds_the_profiles_of(&node);
+    node.shutdown();
+
+    let other = TlsProxy::start(free_port(), &format!("127.0.0.1:{}", server.port));
+    let dir = TempDir::new("redis-tls-other-ca");
+    let refused = match Node::start(&test_config(dir.path(), &tls(&other.ca))) {
+        Ok(_) => panic!("a node trusting another CA started"),
+        Err(e) => e,
+    };
+    assert!(refused.contains("certificate verify failed"), "{refused}");
 }
