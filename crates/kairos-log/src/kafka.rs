@@ -666,8 +666,8 @@ impl KafkaLog {
             ));
         }
         // One short-lived client answers every metadata question of opening.
-        let probe: BaseConsumer = client_config(&config, &[])
-            .create()
+        let probe: ProbeClient = client_config(&config, &[])
+            .create_with_context(Probe::default())
             .map_err(|e| broker_error("creating a Kafka client", e))?;
         let partitions = ensure_topic(&probe, &config, &config.topic)?;
         if let Some(topic) = &config.transactions_topic {
@@ -851,15 +851,62 @@ fn create_producer(
 }
 
 /// Returns the topic's partition count, creating the topic first if the broker does not have it.
+/// The context of the client that opens the log: it keeps the errors librdkafka reported, since
+/// a failed TLS handshake or SASL authentication is told only there, and a metadata request that
+/// never got through only says the transport failed.
+#[derive(Default)]
+struct Probe {
+    errors: Mutex<Vec<String>>,
+}
+
+impl Probe {
+    /// The distinct errors reported, oldest first, joined.
+    fn reported(&self) -> Option<String> {
+        let errors = lock(&self.errors);
+        (!errors.is_empty()).then(|| errors.join("; "))
+    }
+}
+
+impl ClientContext for Probe {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "Kafka client error while opening the log");
+        // The cause, without librdkafka's timing suffix and its "N/M brokers are down" summary.
+        let cause = reason.split(" (after ").next().unwrap_or(reason);
+        if cause.contains("brokers are down") {
+            return;
+        }
+        let mut errors = lock(&self.errors);
+        if errors.len() < 3 && !errors.iter().any(|e| e == cause) {
+            errors.push(cause.to_owned());
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Probe {}
+
+type ProbeClient = BaseConsumer<Probe>;
+
 fn ensure_topic(
-    probe: &BaseConsumer,
+    probe: &ProbeClient,
     config: &KafkaLogConfig,
     topic: &str,
 ) -> Result<u32, LogError> {
-    let count = |probe: &BaseConsumer| -> Result<u32, LogError> {
+    let count = |probe: &ProbeClient| -> Result<u32, LogError> {
         let metadata = probe
             .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| broker_error(&format!("reaching the brokers {}", config.brokers), e))?;
+            .map_err(|e| {
+                let what = format!("reaching the brokers {}", config.brokers);
+                // Errors are delivered to the context by polling.
+                for _ in 0..5 {
+                    let _ = probe.poll(Duration::from_millis(20));
+                }
+                match probe.context().reported() {
+                    Some(reported) => {
+                        broker_error(&what, format!("{e}; the client reported: {reported}"))
+                    }
+                    None => broker_error(&what, e),
+                }
+            })?;
         Ok(metadata
             .topics()
             .iter()
@@ -916,11 +963,7 @@ fn ensure_topic(
     }
 }
 
-fn low_watermarks(
-    probe: &BaseConsumer,
-    topic: &str,
-    partitions: u32,
-) -> Result<Vec<u64>, LogError> {
+fn low_watermarks(probe: &ProbeClient, topic: &str, partitions: u32) -> Result<Vec<u64>, LogError> {
     (0..partitions)
         .map(|p| {
             probe

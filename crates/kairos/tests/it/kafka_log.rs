@@ -514,50 +514,95 @@ fn a_broker_restart_loses_no_acknowledged_event() {
     }
 }
 
-/// The Kafka log over TLS, as managed brokers require: librdkafka is built with OpenSSL, and
-/// `[kafka] client` passes `security.protocol` and the CA through. The broker's TLS is a proxy's
-/// (see [`TlsProxy`]) the broker advertises. Records go out and come back; a client that trusts
-/// another CA does not connect, and says it cannot reach the brokers.
-#[test]
-fn the_kafka_log_works_over_tls() {
-    let port = free_port();
-    let broker = KafkaBroker::start_advertising(port);
-    let proxy = TlsProxy::start(port, &broker.addr);
-    let tls = |ca: &std::path::Path| KafkaLogConfig {
-        brokers: format!("127.0.0.1:{}", proxy.port),
-        topic: "tls".into(),
-        partitions: 2,
-        properties: vec![
-            ("security.protocol".into(), "ssl".into()),
-            ("ssl.ca.location".into(), ca.display().to_string()),
-        ],
-        ..KafkaLogConfig::default()
-    };
-    let log = KafkaLog::open(tls(&proxy.ca)).unwrap();
+/// Appends 20 records of one user to `log` and reads them back, in order.
+fn round_trip(log: &KafkaLog) {
     for p in 0..log.partition_count() {
         assert!(log.read(p, 0, 10).unwrap().is_empty());
     }
     let records = (0..20u64).map(|n| record("ada", n, n + 1)).collect();
     assert_eq!(log.append(records).wait().unwrap().len(), 20);
-    let read: Vec<Record> = (0..log.partition_count())
-        .flat_map(|p| read_all(&log, p, 0))
-        .collect();
-    let payloads: Vec<String> = read
-        .iter()
-        .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+    let payloads: Vec<String> = (0..log.partition_count())
+        .flat_map(|p| read_all(log, p, 0))
+        .map(|r| String::from_utf8(r.payload).unwrap())
         .collect();
     assert_eq!(
         payloads,
         (0..20).map(|n| format!("ada:{n}")).collect::<Vec<_>>()
     );
-    drop(log);
+}
+
+/// A Kafka log on the brokers at `brokers` with these client `properties`.
+fn secured(brokers: String, topic: &str, properties: &[(&str, &str)]) -> KafkaLogConfig {
+    KafkaLogConfig {
+        brokers,
+        topic: topic.into(),
+        partitions: 2,
+        properties: properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..KafkaLogConfig::default()
+    }
+}
+
+/// The Kafka log over TLS, as managed brokers require: librdkafka is built with OpenSSL, and
+/// `[kafka] client` passes `security.protocol` and the CA through. The broker's TLS is a proxy's
+/// (see [`TlsProxy`]) the broker advertises. Records go out and come back; a client that trusts
+/// another CA does not connect, and says why.
+#[test]
+fn the_kafka_log_works_over_tls() {
+    let port = free_port();
+    let broker = KafkaBroker::start_advertising(port);
+    let proxy = TlsProxy::start(port, &broker.addr);
+    let tls = |ca: &std::path::Path| {
+        let ca = ca.display().to_string();
+        secured(
+            format!("127.0.0.1:{}", proxy.port),
+            "tls",
+            &[("security.protocol", "ssl"), ("ssl.ca.location", &ca)],
+        )
+    };
+    round_trip(&KafkaLog::open(tls(&proxy.ca)).unwrap());
     // Another CA: the proxy's certificate does not verify.
     let other = TlsProxy::start(free_port(), &broker.addr);
     let Err(refused) = KafkaLog::open(tls(&other.ca)) else {
         panic!("a client trusting another CA opened the log");
     };
     assert!(
-        refused.to_string().contains("reaching the brokers"),
+        refused.to_string().contains("certificate verify failed"),
+        "{refused}"
+    );
+}
+
+/// SASL over TLS (`SASL_SSL`, SCRAM-SHA-512), the setting of Confluent Cloud and MSK with
+/// SCRAM: a broker that requires it takes the log's records, and refuses a wrong password with
+/// the reason in the error.
+#[test]
+fn the_kafka_log_authenticates_with_sasl_scram_over_tls() {
+    let dir = TempDir::new("kafka-sasl");
+    let port = free_port();
+    let broker = KafkaBroker::start_sasl(dir.path(), port, "kairos", "s3cret");
+    let proxy = TlsProxy::start(port, &broker.addr);
+    let ca = proxy.ca.display().to_string();
+    let sasl = |password: &str| {
+        secured(
+            format!("127.0.0.1:{}", proxy.port),
+            "sasl",
+            &[
+                ("security.protocol", "sasl_ssl"),
+                ("ssl.ca.location", &ca),
+                ("sasl.mechanisms", "SCRAM-SHA-512"),
+                ("sasl.username", "kairos"),
+                ("sasl.password", password),
+            ],
+        )
+    };
+    round_trip(&KafkaLog::open(sasl("s3cret")).unwrap());
+    let Err(refused) = KafkaLog::open(sasl("wrong")) else {
+        panic!("a wrong password opened the log");
+    };
+    assert!(
+        refused.to_string().contains("SASL authentication error"),
         "{refused}"
     );
 }

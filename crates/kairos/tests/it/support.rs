@@ -156,7 +156,7 @@ impl Drop for Server {
 pub struct KafkaBroker {
     child: Child,
     pub addr: String,
-    launch: BrokerLaunch,
+    launch: Box<BrokerLaunch>,
 }
 
 /// What a broker is started with, kept so that it can be started again the same way.
@@ -168,6 +168,8 @@ struct BrokerLaunch {
     dir: Option<PathBuf>,
     /// The port the broker tells clients to connect to, when not its own (a TLS proxy's).
     advertised_port: Option<u16>,
+    /// More arguments to `tansu broker`.
+    args: Vec<String>,
 }
 
 impl KafkaBroker {
@@ -177,6 +179,7 @@ impl KafkaBroker {
             storage: "memory://tansu/".into(),
             dir: None,
             advertised_port: None,
+            args: Vec::new(),
         })
     }
 
@@ -188,7 +191,38 @@ impl KafkaBroker {
             storage: "memory://tansu/".into(),
             dir: None,
             advertised_port: Some(port),
+            args: Vec::new(),
         })
+    }
+
+    /// A broker that requires SASL (SCRAM-SHA-512) of its clients, knowing one `user` with
+    /// `password`, and tells them to connect to `port` (a [`TlsProxy`]'s). tansu creates users
+    /// only while authentication is off, so the durable build (SQLite storage in `dir`) is
+    /// started without it, given the user, and started again with it.
+    pub fn start_sasl(dir: &Path, port: u16, user: &str, password: &str) -> KafkaBroker {
+        let mut launch = BrokerLaunch {
+            bin: durable_tansu_binary(),
+            storage: "sqlite://tansu.db".into(),
+            dir: Some(dir.to_owned()),
+            advertised_port: Some(port),
+            args: Vec::new(),
+        };
+        let mut broker = Self::launch(launch.clone());
+        let created = Command::new(&launch.bin)
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://{}", broker.addr))
+            .args([user, password])
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        launch.args.push("--authentication".into());
+        broker.launch = Box::new(launch);
+        broker.restart();
+        broker
     }
 
     /// A broker that keeps what it acknowledged across a crash: the durable tansu build
@@ -202,12 +236,14 @@ impl KafkaBroker {
                 storage,
                 dir: None,
                 advertised_port: None,
+                args: Vec::new(),
             },
             Err(_) => BrokerLaunch {
                 bin: durable_tansu_binary(),
                 storage: "sqlite://tansu.db".into(),
                 dir: Some(dir.to_owned()),
                 advertised_port: None,
+                args: Vec::new(),
             },
         })
     }
@@ -250,6 +286,7 @@ impl KafkaBroker {
                 .args(["broker", "--listener-url", &url])
                 .args(["--advertised-listener-url", &advertised])
                 .args(["--storage-engine", &launch.storage])
+                .args(&launch.args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -264,7 +301,7 @@ impl KafkaBroker {
                         return Some(KafkaBroker {
                             child,
                             addr,
-                            launch: launch.clone(),
+                            launch: Box::new(launch.clone()),
                         });
                     }
                     break;
