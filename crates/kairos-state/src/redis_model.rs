@@ -30,7 +30,9 @@
 //!   at most about two saves.
 //! - A save is consistent: the state and `applied` are taken under one read lock.
 //! - Loading verifies the checksum of the whole save; a corrupt or incomplete save is not used
-//!   (the replica builds from the topic and says so).
+//!   (the replica builds from the topic and says so). That covers two replicas saving at once,
+//!   which the turn lock allows only when a save outlasts the interval: their chunks may mix,
+//!   and the mixed save is refused until the next one replaces it.
 //!
 //! ## Durability
 //! Whatever Redis persists. Nothing is lost with a save: the model topic remains the source, and a
