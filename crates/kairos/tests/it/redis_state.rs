@@ -15,7 +15,8 @@ use kairos_state::profile::Profile;
 use kairos::node::Node;
 
 use crate::support::{
-    free_port, ids, test_config, Redis, RedisCluster, RedisServer, TempDir, TestNode, TlsProxy,
+    free_port, http, ids, test_config, Redis, RedisCluster, RedisServer, SelfSigned, Server,
+    TempDir, TestNode, TlsProxy,
 };
 
 fn view(user: &str, item: &str, ts: i64, id: &str) -> Value {
@@ -420,4 +421,59 @@ async fn profiles_reach_redis_over_tls() {
         Err(e) => e,
     };
     assert!(refused.contains("certificate verify failed"), "{refused}");
+}
+
+/// Redis Cluster over TLS (`rediss-cluster://`): its client trusts the system's CAs, here the
+/// test's own through OpenSSL's `SSL_CERT_FILE`, given to a `kairos serve` child so that nothing
+/// else in the test process changes. Every user's views reach the cluster, which tells a TLS
+/// client its nodes' TLS ports.
+#[test]
+fn profiles_reach_a_redis_cluster_over_tls() {
+    let cert = SelfSigned::new();
+    let cluster = RedisCluster::start_tls(&cert);
+    let dir = TempDir::new("redis-cluster-tls");
+    let env = vec![
+        ("KAIROS_STATE".to_string(), cluster.tls_url()),
+        ("SSL_CERT_FILE".to_string(), cert.cert.display().to_string()),
+    ];
+    let node = Server::start("serve", dir.path(), &env);
+    // User u<n> views a product n + 1 times.
+    let events: Vec<Value> = (0..6u64)
+        .flat_map(|u| {
+            (0..=u).map(move |n| {
+                json!({"type": "track", "event": "product_view", "userId": format!("u{u}"),
+                    "messageId": format!("m{u}-{n}"), "properties": {"product_id": "p1"}})
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&json!({ "batch": events })).unwrap();
+    let (status, answer) = http(
+        &node.addr,
+        "POST",
+        "/v1/batch",
+        Some(&body),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    // Read back in plaintext, which the nodes serve too.
+    let redis = Redis::Cluster(cluster);
+    let mut client = redis.profiles();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<u64> = (0..6)
+            .map(|u| match client.read(&format!("u:u{u}")).unwrap() {
+                Some((StoredProfile::Profile(p), _)) => p.profile.counters.events,
+                _ => 0,
+            })
+            .collect();
+        if counts == (1..=6).collect::<Vec<u64>>() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the profiles in the cluster count {counts:?} events"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -331,12 +331,18 @@ pub struct TlsProxy {
     pub port: u16,
     /// The certificate, which a client trusts as its CA.
     pub ca: PathBuf,
+    _cert: SelfSigned,
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, made by `openssl` (Debian's) for the test.
+pub struct SelfSigned {
+    pub cert: PathBuf,
+    pub key: PathBuf,
     _dir: TempDir,
 }
 
-impl TlsProxy {
-    /// A proxy on `port` forwarding to `target` (HOST:PORT).
-    pub fn start(port: u16, target: &str) -> TlsProxy {
+impl SelfSigned {
+    pub fn new() -> SelfSigned {
         let dir = TempDir::new("tls");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let made = Command::new("openssl")
@@ -360,10 +366,22 @@ impl TlsProxy {
             "openssl: {}",
             String::from_utf8_lossy(&made.stderr)
         );
+        SelfSigned {
+            cert,
+            key,
+            _dir: dir,
+        }
+    }
+}
+
+impl TlsProxy {
+    /// A proxy on `port` forwarding to `target` (HOST:PORT).
+    pub fn start(port: u16, target: &str) -> TlsProxy {
+        let tls = SelfSigned::new();
         let listen = format!(
             "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
-            cert.display(),
-            key.display()
+            tls.cert.display(),
+            tls.key.display()
         );
         let mut child = dies_with_test(&mut Command::new("socat"))
             .arg(listen)
@@ -384,8 +402,8 @@ impl TlsProxy {
         TlsProxy {
             child,
             port,
-            ca: cert,
-            _dir: dir,
+            ca: tls.cert.clone(),
+            _cert: tls,
         }
     }
 }
@@ -434,6 +452,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     mode: RedisMode,
+    /// More arguments to `redis-server` (TLS).
+    extra: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -457,6 +477,10 @@ impl RedisServer {
     }
 
     fn start_in(mode: RedisMode) -> RedisServer {
+        Self::start_with(mode, Vec::new())
+    }
+
+    fn start_with(mode: RedisMode, extra: Vec<String>) -> RedisServer {
         let cluster = mode == RedisMode::Cluster;
         for _ in 0..5 {
             // A cluster node also listens on port + 10000 (the cluster bus).
@@ -467,23 +491,25 @@ impl RedisServer {
                 continue;
             }
             let dir = TempDir::new("redis");
-            if let Some(child) = Self::spawn(port, dir.path(), mode) {
+            if let Some(child) = Self::spawn(port, dir.path(), mode, &extra) {
                 return RedisServer {
                     child: Some(child),
                     port,
                     dir,
                     mode,
+                    extra,
                 };
             }
         }
         panic!("redis-server did not start on a free port in five tries");
     }
 
-    fn spawn(port: u16, dir: &Path, mode: RedisMode) -> Option<Child> {
+    fn spawn(port: u16, dir: &Path, mode: RedisMode, extra: &[String]) -> Option<Child> {
         let mut cmd = Command::new("redis-server");
         dies_with_test(&mut cmd)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--protected-mode", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -538,7 +564,7 @@ impl RedisServer {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the server is running");
         self.child = Some(
-            Self::spawn(self.port, self.dir.path(), self.mode)
+            Self::spawn(self.port, self.dir.path(), self.mode, &self.extra)
                 .expect("redis-server restarts on its port"),
         );
     }
@@ -580,12 +606,53 @@ fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
 /// A Redis Cluster of three masters of the test's own, every slot assigned.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// With TLS: each node's TLS port (its plaintext port serves too).
+    tls_ports: Vec<u16>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_in(RedisMode::Cluster))
+        Self::start_nodes((0..3).map(|_| (Vec::new(), None)).collect())
+    }
+
+    /// A cluster whose nodes also serve TLS with `cert`, on ports of their own, and talk TLS to
+    /// each other; each tells a client the ports of its kind of connection.
+    pub fn start_tls(cert: &SelfSigned) -> RedisCluster {
+        let (cert, key) = (
+            cert.cert.display().to_string(),
+            cert.key.display().to_string(),
+        );
+        Self::start_nodes(
+            (0..3)
+                .map(|_| {
+                    let tls_port = free_port();
+                    let extra = [
+                        "--tls-port",
+                        &tls_port.to_string(),
+                        "--tls-cluster",
+                        "yes",
+                        "--tls-cert-file",
+                        &cert,
+                        "--tls-key-file",
+                        &key,
+                        "--tls-ca-cert-file",
+                        &cert,
+                        "--tls-auth-clients",
+                        "no",
+                    ]
+                    .map(String::from)
+                    .to_vec();
+                    (extra, Some(tls_port))
+                })
+                .collect(),
+        )
+    }
+
+    fn start_nodes(nodes: Vec<(Vec<String>, Option<u16>)>) -> RedisCluster {
+        let tls_ports = nodes.iter().filter_map(|(_, p)| *p).collect();
+        let nodes: Vec<RedisServer> = nodes
+            .into_iter()
+            .map(|(extra, _)| RedisServer::start_with(RedisMode::Cluster, extra))
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
@@ -606,7 +673,18 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        RedisCluster { nodes }
+        RedisCluster { nodes, tls_ports }
+    }
+
+    /// The cluster's TLS address (`rediss-cluster://…`; see [`RedisCluster::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        assert!(!self.tls_ports.is_empty(), "the cluster serves no TLS");
+        let addrs: Vec<String> = self
+            .tls_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("rediss-cluster://{}", addrs.join(","))
     }
 
     pub fn url(&self) -> String {
