@@ -56,6 +56,10 @@ openssl version
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The README's promise: `cargo build --no-default-features` leaves the Kafka and Redis backends out.
+step "cargo check --no-default-features (without the Kafka and Redis backends)"
+cargo check -p kairos --locked --no-default-features
+
 step "cargo test (unit, property, in-process API, golden replay, crash tests)"
 cargo test --workspace --locked
 

@@ -662,8 +662,6 @@ fn model_publisher(log: Arc<dyn EventLog>) -> kairos_state::redis_mirror::Publis
     })
 }
 
-/// The [`kairos_api::replica::ProfileReader`] of an API replica: Redis, through a pool.
-#[cfg(all(feature = "kafka", feature = "redis"))]
 /// An API replica's thread saving its model in Redis every `every`, in turns with the other
 /// replicas (see `kairos_state::redis_model`).
 #[cfg(all(feature = "kafka", feature = "redis"))]
@@ -736,6 +734,8 @@ impl ModelSaver {
     }
 }
 
+/// The [`kairos_api::replica::ProfileReader`] of an API replica: Redis, through a pool.
+#[cfg(all(feature = "kafka", feature = "redis"))]
 struct PoolReader(kairos_state::redis_reader::ProfilePool);
 
 #[cfg(all(feature = "kafka", feature = "redis"))]
