@@ -6,6 +6,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Installs Debian packages (as root, else through sudo).
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo is required (https://rustup.rs)" >&2
     exit 1
@@ -30,10 +38,7 @@ step "the tansu Kafka-protocol brokers for the Kafka tests"
 # cluster) on free loopback ports; Redis 7 comes from Debian's packages.
 step "redis-server and redis-cli for the Redis tests"
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
+    apt_install redis-server redis-tools
 fi
 redis-server --version
 
@@ -46,10 +51,7 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 if [ "${#missing[@]}" -gt 0 ]; then
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_install "${missing[@]}"
 fi
 openssl version
 
@@ -85,10 +87,7 @@ step "tracker: npm ci, typecheck, bundles up to date, unit tests and the 6 KB si
 
 step "tracker and demo shop end to end: headless Chromium against target/debug/kairos serve"
 if [ ! -x /usr/bin/chromium ]; then
-    sudo=""
-    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+    apt_install chromium
 fi
 (
     cd sdk/js

@@ -112,7 +112,7 @@ impl Prepared {
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
-            entries: state.model_applied.iter().sum(),
+            entries: state.model_entries(),
         })
     }
 }

@@ -270,6 +270,12 @@ impl State {
         self.config = config.clone();
     }
 
+    /// Events-topic entries whose model updates this state applied (an API replica's), summed
+    /// over the partitions.
+    pub fn model_entries(&self) -> u64 {
+        self.model_applied.iter().sum()
+    }
+
     /// Applies model updates a processor replica published (an API replica's state, which holds
     /// the model and no profile). Entries at or below the last one applied of their partition
     /// are skipped: a replica that took a partition over publishes them again.

@@ -270,10 +270,12 @@ impl Node {
         Err("the process role needs a build with the kafka and redis features".into())
     }
 
-    /// An API replica: a state holding the model only, built by a processor applying the model
-    /// topic (every partition, no group, from the start: nothing is kept on disk), the profiles
-    /// read from Redis per request, and a thread following Redis's change channel for the
-    /// answer cache. Ready once the model topic is read to its end.
+    /// An API replica: a state holding the model only, loaded from the newest save in Redis (see
+    /// `kairos_state::redis_model`) and kept current by a processor applying the model topic
+    /// (every partition, no group) from where that save ends, or from the start without one;
+    /// the profiles read from Redis per request; a thread following Redis's change channel for
+    /// the answer cache, and one saving the model in turns. Nothing is kept on disk. Ready once
+    /// the model topic is read to its end.
     #[cfg(all(feature = "kafka", feature = "redis"))]
     fn start_api(config: &Config) -> Result<Node, String> {
         use kairos_api::replica::{RecCache, Replica};
@@ -295,7 +297,7 @@ impl Node {
             Ok(Some(loaded)) => {
                 tracing::info!(
                     bytes = loaded.bytes,
-                    entries = loaded.state.model_applied.iter().sum::<u64>(),
+                    entries = loaded.state.model_entries(),
                     "model loaded from its save in Redis; reading the model topic from where it ends"
                 );
                 Some(loaded.state)
@@ -312,7 +314,7 @@ impl Node {
                 "Events-topic entries the model an API replica loaded from its save in Redis at start reflected (0: built from the start of the model topic).",
                 &[],
             )
-            .set(restored.as_ref().map_or(0, |s| s.model_applied.iter().sum::<u64>()) as i64);
+            .set(restored.as_ref().map_or(0, kairos_state::State::model_entries) as i64);
         let store: Arc<dyn StateStore> = Arc::new(match restored {
             Some(state) => EmbeddedStore::in_memory_from(state, config.model.clone()),
             None => EmbeddedStore::in_memory(config.model.clone()),
@@ -328,7 +330,7 @@ impl Node {
             "kairos_model_entries_applied",
             "Events-topic entries an API replica's model reflects: per partition, the position after the last entry whose model updates it applied, summed (compare with the topic's end offsets).",
             &[],
-            move || s.read().model_applied.iter().sum::<u64>() as f64,
+            move || s.read().model_entries() as f64,
         );
         let (app, mut processor) = wire(config, &log, &store, registry.clone());
         // Nothing is kept on disk: a replica starts from the model saved in Redis, or the topic.
@@ -692,7 +694,7 @@ impl ModelSaver {
                 continue;
             }
             next = Instant::now() + self.every;
-            let entries: u64 = self.store.read().model_applied.iter().sum();
+            let entries = self.store.read().model_entries();
             if entries == saved_entries {
                 continue;
             }
@@ -715,16 +717,17 @@ impl ModelSaver {
             let saved = prepared.and_then(|model| redis_model::save(&mut self.redis, &model));
             match saved {
                 Ok(saved) => {
+                    let ms = started.elapsed().as_millis() as u64;
                     saved_entries = saved.entries;
                     self.saves.inc();
                     self.bytes.set(saved.bytes as i64);
                     self.entries.set(saved.entries as i64);
-                    self.took_ms.set(started.elapsed().as_millis() as i64);
+                    self.took_ms.set(ms as i64);
                     tracing::info!(
                         bytes = saved.bytes,
                         chunks = saved.chunks,
                         entries = saved.entries,
-                        ms = started.elapsed().as_millis() as u64,
+                        ms,
                         "model saved in Redis"
                     );
                 }
