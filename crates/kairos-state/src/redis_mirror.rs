@@ -635,7 +635,8 @@ fn parse_fence(f: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-fn fence(offsets: &[u64]) -> String {
+/// Offsets as Redis keeps them: comma-separated (`0` for none).
+pub(crate) fn fence(offsets: &[u64]) -> String {
     let parts: Vec<String> = offsets.iter().map(u64::to_string).collect();
     if parts.is_empty() {
         "0".into()

@@ -42,7 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::{Cmd, Value};
 
-use crate::redis_mirror::RedisProfiles;
+use crate::redis_mirror::{fence, RedisProfiles};
 use crate::state::State;
 use crate::store::{decode_snapshot, encode_snapshot};
 
@@ -106,12 +106,7 @@ impl Prepared {
     pub fn of(state: &State) -> Result<Prepared, String> {
         Ok(Prepared {
             bytes: encode_snapshot(state).map_err(|e| e.to_string())?,
-            applied: state
-                .model_applied
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            applied: fence(&state.model_applied),
             entries: state.model_entries(),
         })
     }
@@ -238,16 +233,11 @@ fn read_manifest(redis: &mut RedisProfiles) -> Result<Option<Manifest>, String> 
             .parse()
             .map_err(|_| format!("the saved model's manifest has a bad {name:?}"))
     };
-    let applied = field("applied")?;
-    let applied = if applied.is_empty() {
-        Vec::new()
-    } else {
-        applied
-            .split(',')
-            .map(|o| o.parse::<u64>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| "the saved model's manifest has a bad \"applied\"".to_string())?
-    };
+    let applied = field("applied")?
+        .split(',')
+        .map(|o| o.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| "the saved model's manifest has a bad \"applied\"".to_string())?;
     Ok(Some(Manifest {
         id: field("id")?.to_owned(),
         chunks: number("chunks")?,
