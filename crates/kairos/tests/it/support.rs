@@ -172,26 +172,41 @@ struct BrokerLaunch {
     args: Vec<String>,
 }
 
-impl KafkaBroker {
-    pub fn start() -> KafkaBroker {
-        Self::launch(BrokerLaunch {
+impl BrokerLaunch {
+    /// The suite's tansu on `storage`.
+    fn on(storage: &str) -> BrokerLaunch {
+        BrokerLaunch {
             bin: tansu_binary(),
-            storage: "memory://tansu/".into(),
+            storage: storage.to_owned(),
             dir: None,
             advertised_port: None,
             args: Vec::new(),
-        })
+        }
+    }
+
+    /// The durable tansu build on SQLite, its database in `dir`.
+    fn sqlite_in(dir: &Path) -> BrokerLaunch {
+        BrokerLaunch {
+            bin: durable_tansu_binary(),
+            storage: "sqlite://tansu.db".into(),
+            dir: Some(dir.to_owned()),
+            advertised_port: None,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl KafkaBroker {
+    pub fn start() -> KafkaBroker {
+        Self::launch(BrokerLaunch::on("memory://tansu/"))
     }
 
     /// A broker (memory storage) that tells clients to connect to `port`, where a [`TlsProxy`]
     /// in front of it listens.
     pub fn start_advertising(port: u16) -> KafkaBroker {
         Self::launch(BrokerLaunch {
-            bin: tansu_binary(),
-            storage: "memory://tansu/".into(),
-            dir: None,
             advertised_port: Some(port),
-            args: Vec::new(),
+            ..BrokerLaunch::on("memory://tansu/")
         })
     }
 
@@ -201,11 +216,8 @@ impl KafkaBroker {
     /// started without it, given the user, and started again with it.
     pub fn start_sasl(dir: &Path, port: u16, user: &str, password: &str) -> KafkaBroker {
         let mut launch = BrokerLaunch {
-            bin: durable_tansu_binary(),
-            storage: "sqlite://tansu.db".into(),
-            dir: Some(dir.to_owned()),
             advertised_port: Some(port),
-            args: Vec::new(),
+            ..BrokerLaunch::sqlite_in(dir)
         };
         let mut broker = Self::launch(launch.clone());
         let created = Command::new(&launch.bin)
@@ -231,20 +243,8 @@ impl KafkaBroker {
     /// `postgres://…`, for the tansu named by `KAIROS_TEST_TANSU`.
     pub fn start_durable(dir: &Path) -> KafkaBroker {
         Self::launch(match std::env::var("KAIROS_TEST_DURABLE_BROKER") {
-            Ok(storage) => BrokerLaunch {
-                bin: tansu_binary(),
-                storage,
-                dir: None,
-                advertised_port: None,
-                args: Vec::new(),
-            },
-            Err(_) => BrokerLaunch {
-                bin: durable_tansu_binary(),
-                storage: "sqlite://tansu.db".into(),
-                dir: Some(dir.to_owned()),
-                advertised_port: None,
-                args: Vec::new(),
-            },
+            Ok(storage) => BrokerLaunch::on(&storage),
+            Err(_) => BrokerLaunch::sqlite_in(dir),
         })
     }
 
