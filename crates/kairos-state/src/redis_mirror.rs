@@ -39,8 +39,11 @@
 //! - A node that did not stop with every change written (its first start, a crash, Redis down at
 //!   shutdown) writes every profile when it starts (see [`SYNCED_FILE`]).
 //! - When the marker is missing, every profile is marked changed and written, then the marker is
-//!   set (checked every second). So Redis restarted empty holds every profile again after one
-//!   pass, without replaying anything: the state in memory already has them.
+//!   set (checked every second). A Redis error during that pass starts it again if the marker is
+//!   still missing afterwards: the server may have restarted empty between the pass's writes and
+//!   the marker, which would otherwise mark a Redis that lacks them as current. So Redis
+//!   restarted empty holds every profile again after one pass, without replaying anything: the
+//!   state in memory already has them.
 //!
 //! ## Durability
 //! Whatever Redis itself persists (RDB/AOF). The event log remains the source of truth: the state
@@ -725,6 +728,9 @@ pub fn run_mirror(
     let mut last_check: Option<Instant> = None;
     let mut last_sample: Option<Instant> = None;
     let mut resync_pending = false;
+    // A Redis error during a resync: what the pass wrote may have gone with a server that
+    // restarted since, so a marker still missing means starting the pass again.
+    let mut resync_broken = false;
     let mut backoff = Duration::ZERO;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
@@ -736,14 +742,16 @@ pub fn run_mirror(
                 Ok(true) => last_check = Some(Instant::now()),
                 Ok(false) => {
                     last_check = Some(Instant::now());
-                    if !resync_pending {
+                    if !resync_pending || resync_broken {
                         tracing::info!("Redis holds no copy of the profiles: writing them all");
                         metrics.resyncs.inc();
                         store.mark_all_profiles_changed();
                         resync_pending = true;
+                        resync_broken = false;
                     }
                 }
                 Err(e) => {
+                    resync_broken |= resync_pending;
                     fail(&metrics, &mut backoff, &e);
                     if stopping {
                         return false;
@@ -777,7 +785,10 @@ pub fn run_mirror(
                             resync_pending = false;
                             tracing::info!("every profile written to Redis");
                         }
-                        Err(e) => fail(&metrics, &mut backoff, &e),
+                        Err(e) => {
+                            resync_broken = true;
+                            fail(&metrics, &mut backoff, &e)
+                        }
                     }
                 }
                 if let Some(key) = sampled
@@ -795,7 +806,10 @@ pub fn run_mirror(
                     }
                 }
             }
-            Err(FlushError::Redis(e)) => fail(&metrics, &mut backoff, &e),
+            Err(FlushError::Redis(e)) => {
+                resync_broken |= resync_pending;
+                fail(&metrics, &mut backoff, &e)
+            }
             Err(FlushError::Publish(e)) => {
                 tracing::warn!(error = %e, batches = publisher.unsent.len(), "publishing model updates failed; retrying");
                 backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
