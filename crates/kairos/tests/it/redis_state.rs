@@ -304,12 +304,21 @@ async fn a_replaying_node_never_puts_older_profiles_over_newer_ones() {
     if let Some(other) = seen.iter().find(|s| **s != before) {
         panic!("Redis went back to an older u1:\n{other:?}\ninstead of\n{before:?}");
     }
-    let (_, metrics) = node.get("/metrics").await;
-    let metrics = metrics.as_str().unwrap();
-    assert!(
-        metric(metrics, "kairos_redis_profiles_stale_total") >= 5,
-        "every replayed profile was refused, Redis holding it at the same checkpoint: {metrics}"
-    );
+    // Redis held the same profiles before the node wrote anything, so the refusals may come
+    // after the check above returned: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, metrics) = node.get("/metrics").await;
+        let metrics = metrics.as_str().unwrap();
+        if metric(metrics, "kairos_redis_profiles_stale_total") >= 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every replayed profile was refused, Redis holding it at the same checkpoint: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     node.shutdown();
 }
 
